@@ -1,0 +1,168 @@
+"""Checkpoint readers: PyTorch ``.pt``/``.bin`` (weights_only, mmap) and safetensors, to numpy without copies.
+
+``read_state_dict`` returns a lazy mapping name -> numpy array: tensors are converted only when a rule reads
+them, so converting a large checkpoint never holds two full copies. bf16 / fp8 tensors are viewed through
+their integer bit patterns into ``ml_dtypes`` numpy dtypes (no fp32 round trip). ``read_shapes`` reads only
+metadata (names, shapes, dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsDict(Mapping):
+    """Lazy, memory-mapped safetensors state dict (supports bf16 and fp8 as ml_dtypes)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.header, self.offset = _safetensors_header(self.path)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        info = self.header[key]
+        dt = _ST_DTYPES.get(info["dtype"])
+        if dt is None:
+            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        a, b = info["data_offsets"]
+        buf = self._mm[self.offset + a : self.offset + b]
+        return buf.view(dt).reshape(info["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header)
+
+    def __len__(self) -> int:
+        return len(self.header)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v["shape"]) for k, v in self.header.items()}
+
+    def dtypes(self) -> dict[str, str]:
+        return {k: v["dtype"] for k, v in self.header.items()}
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor -> numpy, keeping bf16/fp8 bit-exact through ml_dtypes views."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    if t.dtype == torch.float8_e5m2:
+        return t.contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2)
+    return t.contiguous().numpy()
+
+
+class TorchDict(Mapping):
+    """Lazy numpy view of a dict of torch tensors (converted on access)."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self.tensors = tensors
+
+    def __getitem__(self, key):
+        return torch_to_numpy(self.tensors[key])
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+    def dtypes(self) -> dict[str, str]:
+        return {k: str(v.dtype).replace("torch.", "") for k, v in self.tensors.items()}
+
+
+def _torch_load(path: Path):
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a conversion dependency
+        raise ImportError("reading .pt checkpoints needs torch: pip install 'hcjax[test]'") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Legacy (non-zip) files cannot be memory-mapped.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _select(obj: Any, key: str | None, path: Path) -> Mapping:
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            have = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(f"{path}: expected a top-level key {key!r}; found {have}")
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path: str | Path, key: str | None = None) -> Mapping[str, np.ndarray]:
+    """Open a checkpoint lazily. ``key`` selects a nested dict (e.g. ``module`` for DeepSpeed files)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: directory has no *.safetensors files")
+        return ShardedDict([SafetensorsDict(f) for f in files])
+    if path.suffix == ".safetensors":
+        return SafetensorsDict(path)
+    return TorchDict(_select(_torch_load(path), key, path))
+
+
+class ShardedDict(Mapping):
+    """Several safetensors shards seen as one state dict."""
+
+    def __init__(self, shards: list[SafetensorsDict]):
+        self.where: dict[str, SafetensorsDict] = {}
+        for s in shards:
+            for k in s:
+                if k in self.where:
+                    raise ValueError(f"tensor {k!r} appears in both {self.where[k].path} and {s.path}")
+                self.where[k] = s
+
+    def __getitem__(self, key):
+        return self.where[key][key]
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self):
+        return len(self.where)
+
+    def shapes(self):
+        return {k: tuple(s.header[k]["shape"]) for k, s in self.where.items()}
+
+    def dtypes(self):
+        return {k: s.header[k]["dtype"] for k, s in self.where.items()}

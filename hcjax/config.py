@@ -1,0 +1,334 @@
+"""Frozen configuration dataclasses, YAML loading and ``--set a.b=value`` overrides.
+
+Every YAML file in ``configs/`` maps onto :class:`Config`; its top-level sections are the fields below
+(``dit``, ``vae``, ``llama``, ``clip_vision``, ``clip_text``, ``llava``, ``mesh``). Unknown keys are an error
+naming the key and the file. Field names of :class:`DiTConfig` follow the original HunyuanVideo argument names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """HYVideoDiffusionTransformer hyper-parameters (defaults: the released HYVideo-T/2 image model)."""
+
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth_double_blocks: int = 20
+    depth_single_blocks: int = 40
+    mlp_width_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    rope_dim_list: tuple[int, ...] = (16, 56, 56)
+    rope_theta: float = 256.0
+    text_states_dim: int = 4096
+    text_states_dim_2: int = 768
+    refiner_depth: int = 2
+    guidance_embed: bool = False
+    qkv_bias: bool = True
+    audio_condition: bool = False
+    video_condition: bool = False
+    bg_in_channels: int = 32            # editing: 16 background + 16 mask latent channels
+    # audio conditioning (AudioProjNet2 + PerceiverAttentionCA), used when audio_condition
+    audio_seq_len: int = 10
+    audio_blocks: int = 5
+    audio_channels: int = 384
+    audio_intermediate_dim: int = 1024
+    audio_context_tokens: int = 4
+    audio_ca_dim_hidden: int = 1024
+    audio_ca_heads: int = 1
+    audio_inject_blocks: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
+    # numerics / execution
+    dtype: str = "float32"              # compute dtype of activations
+    param_dtype: str = "float32"        # storage dtype of parameters
+    attention: str = "chunked"          # xla | chunked | cudnn | splash
+    attention_block_q: int = 512        # chunked attention block sizes
+    attention_block_kv: int = 512
+    remat: str = "none"                 # nn.remat policy for scanned blocks
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_width_ratio)
+
+    def validate(self, where: str = "dit") -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{where}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if sum(self.rope_dim_list) != self.head_dim:
+            raise ConfigError(f"{where}.rope_dim_list={self.rope_dim_list} must sum to head_dim={self.head_dim}")
+        if any(d % 2 for d in self.rope_dim_list):
+            raise ConfigError(f"{where}.rope_dim_list={self.rope_dim_list} must contain even sizes")
+        if len(self.patch_size) != 3:
+            raise ConfigError(f"{where}.patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"{where}.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"{where}.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
+        if self.dtype == "float16":
+            raise ConfigError(f"{where}.dtype=float16 is not supported for the DiT (it overflows); use bfloat16")
+        if self.depth_single_blocks < 1 or self.depth_double_blocks < 0:
+            raise ConfigError(f"{where}: need depth_single_blocks >= 1 and depth_double_blocks >= 0")
+        if self.audio_condition and max(self.audio_inject_blocks, default=-1) >= self.depth_double_blocks:
+            raise ConfigError(f"{where}.audio_inject_blocks={self.audio_inject_blocks} exceed depth_double_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKLCausal3D (884-16c-hy0801) hyper-parameters."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    time_compression_ratio: int = 4
+    spatial_compression_ratio: int = 8
+    mid_block_add_attention: bool = True
+    scaling_factor: float = 0.476986
+    sample_size: int = 256              # spatial tile size in pixels
+    sample_tsize: int = 64              # temporal tile size in frames
+    tile_overlap_factor: float = 0.25
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def validate(self, where: str = "vae") -> None:
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-3 decoder of LLaVA-Llama-3-8B v1.1."""
+
+    vocab_size: int = 128320
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def validate(self, where: str = "llama") -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig:
+    """CLIP ViT-L/14-336 vision tower (LLaVA image encoder)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTextConfig:
+    """CLIP-L text tower (text_encoder_2)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    eos_token_id: int = 2
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """LLaVA fusion glue and the HunyuanCustom text-stage constants (spec section 3)."""
+
+    image_token_index: int = 128257
+    pad_token_id: int = 128258
+    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    hidden_state_skip_layer: int = 2
+    crop_start: int = 95
+    text_len: int = 256
+    clip_text_len: int = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over axes (data, fsdp, sequence, tensor); -1 fills with the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+    sequence_parallel: str = "ulysses"   # ulysses | ring
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dit: DiTConfig = DiTConfig()
+    vae: VAEConfig = VAEConfig()
+    llama: LlamaConfig = LlamaConfig()
+    clip_vision: ClipVisionConfig = ClipVisionConfig()
+    clip_text: ClipTextConfig = ClipTextConfig()
+    llava: LlavaConfig = LlavaConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if hasattr(sub, "validate"):
+                sub.validate(f.name)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated field type, with an error naming ``where``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        elem = args[0] if args else Any
+        if len(args) > 1 and args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} entries, got {list(value)}")
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        return tuple(_coerce(elem, v, where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            loc = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown config key {loc!r} (valid keys of {cls.__name__}: {sorted(names)})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected the form a.b=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key component")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML preset (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    data: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        where = str(path)
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        cfg = from_dict(Config, data)
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_json(text: str) -> Config:
+    return from_dict(Config, json.loads(text)).validate()
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset(name: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load ``configs/<name>.yaml``."""
+    return load_config(PRESET_DIR / f"{name}.yaml", overrides)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -1,0 +1,1 @@
+"""Conditioning encoders: text (LLaVA, CLIP), audio (Whisper + AudioNet), video (editing)."""

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import attention as attn_lib
 from .config import DiTConfig
@@ -395,8 +396,8 @@ def validate_inputs(cfg: DiTConfig, x, t, text_states, text_mask, text_states_2,
         raise ValueError(f"text_states_2 must be [B,{cfg.text_states_dim_2}]=[{b},{cfg.text_states_dim_2}]; "
                          f"got {tuple(text_states_2.shape)}")
     if _is_concrete(text_mask):
-        counts = jnp.sum(jnp.asarray(text_mask) != 0, axis=1)
-        if bool(jnp.any(counts == 0)):
+        counts = np.sum(np.asarray(text_mask) != 0, axis=1)
+        if np.any(counts == 0):
             raise ValueError(f"text_mask has a sample with zero valid tokens (valid counts {counts.tolist()}); "
                              "every sample needs at least one valid text token")
     if ref_latents is not None:

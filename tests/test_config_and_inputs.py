@@ -1,0 +1,101 @@
+"""Config loading/overrides and DiT bad-input errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hcjax.config import ConfigError, load_config, preset
+from hcjax.dit import HunyuanDiT, example_inputs, init_params
+from tests.conftest import ROOT
+
+
+def test_presets_load_and_match_original_arguments():
+    image = preset("hunyuancustom_720p").dit
+    assert (image.hidden_size, image.num_heads, image.depth_double_blocks, image.depth_single_blocks) == (3072, 24, 20, 40)
+    assert image.patch_size == (1, 2, 2) and image.rope_dim_list == (16, 56, 56) and not image.guidance_embed
+    assert preset("hunyuancustom_720p_audio").dit.audio_condition
+    assert preset("hunyuancustom_720p_editing").dit.video_condition
+    assert preset("tiny").dit.hidden_size == 64
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("dit:\n  hidden_size: 64\n  num_head: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "dit.num_head" in str(e.value) and str(f) in str(e.value)
+    f.write_text("ditt:\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError, match="'ditt'"):
+        load_config(f)
+
+
+def test_set_overrides_and_type_errors():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["dit.depth_single_blocks=3", "dit.patch_size=[1,2,2]",
+                                                   "dit.attention=xla"])
+    assert cfg.dit.depth_single_blocks == 3 and cfg.dit.attention == "xla"
+    with pytest.raises(ConfigError, match="dit.hidden_size: expected an integer"):
+        load_config(ROOT / "configs/tiny.yaml", ["dit.hidden_size=big"])
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        load_config(ROOT / "configs/tiny.yaml", ["dit.attention=flash"])
+    with pytest.raises(ConfigError, match="float16 is not supported"):
+        load_config(ROOT / "configs/tiny.yaml", ["dit.dtype=float16"])
+    with pytest.raises(ConfigError, match="a.b=value"):
+        load_config(ROOT / "configs/tiny.yaml", ["dit.hidden_size"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(ROOT / "configs/nope.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("tiny").dit
+    return cfg, jax.tree.map(np.asarray, __import__("flax").linen.unbox(init_params(cfg, jax.random.key(0))))
+
+
+def _call(cfg, params, *args, **kw):
+    return HunyuanDiT(cfg).apply({"params": params}, *args, **kw)
+
+
+def test_bad_shapes_raise_value_errors(tiny):
+    cfg, params = tiny
+    (x, t, text, mask, pooled), kw = example_inputs(cfg, batch=1, latent_thw=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"x must be \[B,T,H,W,4\]"):
+        _call(cfg, params, x[0], t, text, mask, pooled)
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        _call(cfg, params, jnp.zeros((1, 1, 5, 4, 4)), t, text, mask, pooled)
+    with pytest.raises(ValueError, match=r"text_states must be \[B,S,32\]"):
+        _call(cfg, params, x, t, text[..., :5], mask, pooled)
+    with pytest.raises(ValueError, match="text_mask must be"):
+        _call(cfg, params, x, t, text, mask[:, :3], pooled)
+    with pytest.raises(ValueError, match="zero valid tokens"):
+        _call(cfg, params, x, t, text, jnp.zeros_like(mask), pooled)
+    with pytest.raises(ValueError, match="ref_latents must be"):
+        _call(cfg, params, x, t, text, mask, pooled, ref_latents=jnp.zeros((1, 2, 4, 4, 4)))
+    with pytest.raises(ValueError, match=r"t must be \[B\]"):
+        _call(cfg, params, x, t[None], text, mask, pooled)
+    with pytest.raises(ValueError, match="guidance_embed=False"):
+        _call(cfg, params, x, t, text, mask, pooled, guidance=t)
+    with pytest.raises(ValueError, match="video_condition=False"):
+        _call(cfg, params, x, t, text, mask, pooled, bg_latents=jnp.zeros((1, 1, 4, 4, 8)))
+
+
+def test_sample_smoke_cli(tmp_path):
+    out = tmp_path / "lat.npy"
+    cmd = [sys.executable, "sample.py", "--config", "configs/tiny.yaml", "--save-path", str(out),
+           "--infer-steps", "2", "--latent-size", "1", "4", "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lat = np.load(out)
+    assert lat.shape == (1, 1, 4, 4, 4) and np.isfinite(lat).all()
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 2 and "exists" in r2.stderr
+    bad = [sys.executable, "sample.py", "--save-path", str(tmp_path / "b.npy"), "--set", "dit.nope=1"]
+    r3 = subprocess.run(bad, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 2 and "dit.nope" in r3.stderr and not (tmp_path / "b.npy").exists()

@@ -144,6 +144,15 @@ class LlamaConfig:
     def validate(self, where: str = "llama") -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where}.head_dim={self.head_dim} must be even (RoPE)")
+        _check_dtypes(self, where)
+
+
+def _check_dtypes(cfg, where: str) -> None:
+    for f in ("dtype", "param_dtype"):
+        if getattr(cfg, f) not in DTYPES:
+            raise ConfigError(f"{where}.{f}={getattr(cfg, f)!r}; expected one of {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +171,13 @@ class ClipVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def validate(self, where: str = "clip_vision") -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{where}.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{where}.hidden_size must be a multiple of num_attention_heads")
+        _check_dtypes(self, where)
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipTextConfig:
@@ -179,6 +195,11 @@ class ClipTextConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def validate(self, where: str = "clip_text") -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{where}.hidden_size must be a multiple of num_attention_heads")
+        _check_dtypes(self, where)
+
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
@@ -189,9 +210,19 @@ class LlavaConfig:
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
     hidden_state_skip_layer: int = 2
-    crop_start: int = 95
-    text_len: int = 256
+    crop_start: int = 95                # tokens before the user text (BOS + system part + user header)
+    text_len: int = 256                 # tokenizer max_length = text_len + crop_start
     clip_text_len: int = 77
+    item_name: str = "object"           # positive prompt suffix "\nThe {item_name} looks like<image>"
+    negative_item_name: str = "person"  # the negative prompt always uses 'person' (spec 3.1)
+    uncond_mask_rewrite: bool = True    # spec 3.4 (the released pipeline always applies it)
+    keep_unused: bool = True            # keep lm_head, final norm, vision post_layernorm (unused) in params
+
+    def validate(self, where: str = "llava") -> None:
+        if self.projector_hidden_act not in ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu"):
+            raise ConfigError(f"{where}.projector_hidden_act={self.projector_hidden_act!r} is not supported")
+        if self.hidden_state_skip_layer < 0 or self.crop_start < 0 or self.text_len < 1:
+            raise ConfigError(f"{where}: need hidden_state_skip_layer >= 0, crop_start >= 0 and text_len >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,7 +238,7 @@ def run_stack(parent: nn.Module, block_cls, cfg: DiTConfig, name: str, length: i
 # ------------------------------------------------------------------------------------------- the model
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class StepCache:
     """What a full step stores for a cached (deepcache) step: the input of the last single block."""
 
@@ -446,7 +447,7 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_le
 def init_params(cfg: DiTConfig, key: jax.Array) -> dict:
     """Random parameters (boxed with logical axis metadata)."""
     args, kwargs = example_inputs(cfg)
-    return HunyuanDiT(cfg).init(key, *args, **kwargs)["params"]
+    return jax.jit(lambda k: HunyuanDiT(cfg).init(k, *args, **kwargs)["params"])(key)
 
 
 def abstract_params(cfg: DiTConfig) -> dict:

@@ -405,6 +405,7 @@ def test_encode_prompts_end_to_end(cfg, model_dirs, hf_llava, hf_clip, image):
     for br in (pos, neg):
         assert br.text_states.shape == (1, s, cfg.llama.hidden_size)
         assert br.text_mask.shape == (1, s) and br.text_states_2.shape == (1, cfg.clip_text.hidden_size)
+    assert err(pos.text_states, neg.text_states) > 0.1
     # independent reference: tokenizer from transformers directly, spec 2.1 preprocessing re-derived here
     tok = hf.AutoTokenizer.from_pretrained(str(llava_dir), local_files_only=True)
     limit = lc.text_len + lc.crop_start
@@ -424,7 +425,7 @@ def test_encode_prompts_end_to_end(cfg, model_dirs, hf_llava, hf_clip, image):
         assert nv <= limit
         ref = hf_llava_valid(hf_llava, ids, lc.image_token_index, n, pix)[-3]
         e = err(br.text_states[0, : nv - 1 - lc.crop_start + n], ref[lc.crop_start:])
-        print(f"encode_prompts llava states error {e:.2e}")
+        print(f"encode_prompts llava states error ({'pos' if br is pos else 'neg'}) {e:.3e}")
         assert e < TOL
         cl = hf.AutoTokenizer.from_pretrained(str(clip_dir), local_files_only=True)
         cids = cl([text.split("<|eot_id|>")[0]], max_length=77, padding="max_length", truncation=True,
@@ -521,6 +522,17 @@ def test_full_size_counts_and_manifests():
     conv_clip.check(hub_clip, full)
 
 
+def test_full_size_text_stage_shapes():
+    """Released sizes, abstractly: 351 tokens + 576 image features -> 831 states of width 4096 (spec 3.3)."""
+    full = load_config(None)
+    params = nn.unbox(L.abstract_params(full))
+    ids = jax.ShapeDtypeStruct((2, 351), jnp.int32)
+    pix = jax.ShapeDtypeStruct((2, 336, 336, 3), jnp.float32)
+    states, mask = jax.eval_shape(lambda p, i, m, x: L.llava_states(p, full, i, m, x), params, ids, ids, pix)
+    assert states.shape == (2, 831, 4096) and mask.shape == (2, 831)
+    assert L.num_image_features(full.clip_vision) == 576
+
+
 @pytest.mark.parametrize("edit", ["remove", "rename", "reshape"])
 def test_manifest_check_names_bad_keys(edit):
     full = load_config(None)
@@ -559,15 +571,30 @@ def test_cli_converts_and_loads(cfg, model_dirs, tmp_path, image):
     pb, _ = L.encode_prompts(b, PROMPT, image)
     for x, y in zip(pa, pb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # restore the converted checkpoint straight into a sharded layout on 8 devices
+    c = L.load_text_encoders(llava_dir, clip_dir, cfg, llava_weights=tmp_path / "llava", clip_weights=tmp_path / "clip",
+                             mesh=mesh_8())
+    emb = c.llava_params["language_model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    pc, _ = L.encode_prompts(c, PROMPT, image)
+    for x, y in zip(pc, pb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def mesh_8():
+    assert jax.device_count() == 8
+    return jax.make_mesh((1, 4, 1, 2), ("data", "fsdp", "sequence", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 def test_sharded_params_on_8_devices(cfg, llava_params, fusion_case):
-    assert jax.device_count() == 8
-    mesh = jax.make_mesh((1, 4, 1, 2), ("data", "fsdp", "sequence", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = mesh_8()
+    from hcjax.conditioning.clip import abstract_text_params
+
     abstract = L.abstract_params(cfg)
     used = set()
-    for x in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    for x in jax.tree.leaves((abstract, abstract_text_params(cfg.clip_text)),
+                             is_leaf=lambda x: isinstance(x, nn.Partitioned)):
         used.update(n for n in x.names if n is not None)
     assert used <= {r[0] for r in L.TEXT_RULES}, used - {r[0] for r in L.TEXT_RULES}
     sharded = L.shard_llava_params(llava_params, cfg, mesh)
@@ -584,3 +611,9 @@ def test_sharded_params_on_8_devices(cfg, llava_params, fusion_case):
     print(f"sharded vs single-device text_states error {e:.2e}")
     assert e < 1e-5
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    # the released 8B layout, abstractly: per-device shard shapes under the default rules
+    full = L.abstract_sharded_params(L.abstract_params(load_config(None)), mesh, dtype="bfloat16")
+    emb = full["language_model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.shard_shape(emb.shape) == (128320 // 2, 4096 // 4)
+    k = full["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"]
+    assert k.sharding.shard_shape(k.shape) == (32, 1024, 4, 128)

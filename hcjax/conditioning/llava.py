@@ -424,19 +424,22 @@ def _weights(path: Path, what: str):
     return read_state_dict(path)
 
 
-def load_llava_params(path: str | Path, cfg: Config, dtype=None):
-    """LLaVA params from a converted hcjax checkpoint dir or a HF model dir with safetensors (converted here)."""
+def load_llava_params(path: str | Path, cfg: Config, dtype=None, abstract=None):
+    """LLaVA params from a converted hcjax checkpoint dir or a HF model dir with safetensors (converted here).
+
+    ``abstract`` (e.g. :func:`abstract_sharded_params`) restores a checkpoint straight into that layout.
+    """
     from convert_weights.llava import from_hf
 
     path = Path(path)
     if _is_hcjax_checkpoint(path):
         from ..checkpoint import load_params
 
-        return load_params(path)
+        return load_params(path, abstract)
     return from_hf(_weights(path, "LLaVA weights"), cfg, dtype=dtype)
 
 
-def load_clip_params(path: str | Path, cfg: Config, dtype=None):
+def load_clip_params(path: str | Path, cfg: Config, dtype=None, abstract=None):
     """CLIP-L text params from a converted hcjax checkpoint dir or a HF model dir with safetensors."""
     from convert_weights.clip import from_hf
 
@@ -444,7 +447,7 @@ def load_clip_params(path: str | Path, cfg: Config, dtype=None):
     if _is_hcjax_checkpoint(path):
         from ..checkpoint import load_params
 
-        return load_params(path)
+        return load_params(path, abstract)
     return from_hf(_weights(path, "CLIP text weights"), cfg.clip_text, dtype=dtype)
 
 
@@ -453,18 +456,22 @@ def load_text_encoders(llava_dir: str | Path, clip_dir: str | Path, cfg: Config,
                        clip_weights: str | Path | None = None, mesh=None, rules=TEXT_RULES, dtype=None
                        ) -> TextEncoders:
     """Tokenizers and preprocessing from the local model dirs; params given, or read from ``*_weights`` (hcjax
-    checkpoint or HF dir; default: the model dirs themselves). With ``mesh`` the params are placed on it."""
+    checkpoint or HF dir; default: the model dirs themselves), cast to ``dtype`` when given (converted HF weights /
+    sharded restores). With ``mesh`` the params are placed on it by the logical-axis ``rules``."""
+    from .clip import abstract_text_params
+
+    dtype = None if dtype is None else jnp.dtype(dtype)
     llava_tok = load_llava_tokenizer(llava_dir)
     clip_tok = load_clip_tokenizer(clip_dir)
+    boxed = (abstract_params(cfg), abstract_text_params(cfg.clip_text)) if mesh is not None else (None, None)
+    targets = [None if b is None else abstract_sharded_params(b, mesh, rules, dtype) for b in boxed]
     if llava_params is None:
-        llava_params = load_llava_params(llava_weights or llava_dir, cfg, dtype)
+        llava_params = load_llava_params(llava_weights or llava_dir, cfg, dtype, targets[0])
     if clip_params is None:
-        clip_params = load_clip_params(clip_weights or clip_dir, cfg, dtype)
-    if mesh is not None:
-        llava_params = shard_params(llava_params, abstract_params(cfg), mesh, rules)
-        from .clip import abstract_text_params
-
-        clip_params = shard_params(clip_params, abstract_text_params(cfg.clip_text), mesh, rules)
+        clip_params = load_clip_params(clip_weights or clip_dir, cfg, dtype, targets[1])
+    if mesh is not None:   # no-op for params restored straight into their shardings
+        llava_params = shard_params(llava_params, boxed[0], mesh, rules)
+        clip_params = shard_params(clip_params, boxed[1], mesh, rules)
     return TextEncoders(cfg, llava_params, clip_params, llava_tok, clip_tok, load_image_preprocessor(llava_dir, cfg))
 
 
@@ -558,6 +565,13 @@ def shard_params(params, abstract_boxed, mesh, rules=TEXT_RULES):
     if jax.tree.structure(values) != jax.tree.structure(shardings):
         raise ValueError("shard_params: the params tree does not match the model's parameter tree")
     return jax.device_put(values, shardings)
+
+
+def abstract_sharded_params(abstract_boxed, mesh, rules=TEXT_RULES, dtype=None):
+    """``ShapeDtypeStruct`` tree with shardings (nothing allocated), e.g. an orbax restore target."""
+    shardings = param_shardings(abstract_boxed, mesh, rules)
+    return jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype or v.dtype), sharding=sh),
+                        nn.unbox(abstract_boxed), shardings)
 
 
 def shard_llava_params(params, cfg: Config, mesh, rules=TEXT_RULES):

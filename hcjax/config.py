@@ -146,13 +146,9 @@ class LlamaConfig:
             raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise ConfigError(f"{where}.head_dim={self.head_dim} must be even (RoPE)")
-        _check_dtypes(self, where)
-
-
-def _check_dtypes(cfg, where: str) -> None:
-    for f in ("dtype", "param_dtype"):
-        if getattr(cfg, f) not in DTYPES:
-            raise ConfigError(f"{where}.{f}={getattr(cfg, f)!r}; expected one of {DTYPES}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +172,9 @@ class ClipVisionConfig:
             raise ConfigError(f"{where}.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{where}.hidden_size must be a multiple of num_attention_heads")
-        _check_dtypes(self, where)
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +196,9 @@ class ClipTextConfig:
     def validate(self, where: str = "clip_text") -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{where}.hidden_size must be a multiple of num_attention_heads")
-        _check_dtypes(self, where)
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)

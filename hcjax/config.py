@@ -226,6 +226,29 @@ class LlavaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WhisperConfig:
+    """Whisper-tiny audio encoder (audio mode only; spec 2.3 and Appendix A). Runs in float32 in the original."""
+
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500    # encoder frames (20 ms each); the mel input is twice as long
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def validate(self, where: str = "whisper") -> None:
+        if self.d_model % self.encoder_attention_heads:
+            raise ConfigError(f"{where}.d_model={self.d_model} is not divisible by "
+                              f"encoder_attention_heads={self.encoder_attention_heads}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh over axes (data, fsdp, sequence, tensor); -1 fills with the remaining devices."""
 
@@ -245,6 +268,7 @@ class Config:
     clip_text: ClipTextConfig = ClipTextConfig()
     llava: LlavaConfig = LlavaConfig()
     mesh: MeshConfig = MeshConfig()
+    whisper: WhisperConfig = WhisperConfig()
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -347,27 +347,66 @@ class HunyuanDiT(nn.Module):
         return self._final(xs[:, :n_img], vec, n_ref, grid, b)
 
     def _double_blocks(self, img, txt, vec, cos, sin, kv_lengths, n_ref, grid, audio_features, audio_strength):
+        """The stacked double blocks; the audio model adds adapter ``k`` after block ``audio_inject_blocks[k]``.
+
+        Audio path (spec 5.10): one ``lax.scan`` over all double blocks (one compiled block body, the one parameter
+        stack); the adapters' parameters are stacked on the fly ``[n_adapters, ...]`` and the adapter runs under
+        ``lax.cond`` only after the injection blocks (one compiled adapter body), adding
+        ``[0 (reference tokens) ; strength * CA_k(video tokens)]`` to ``img``.
+        """
         cfg = self.cfg
         bcast = (vec, cos, sin, kv_lengths)
         n = cfg.depth_double_blocks
-        if not cfg.audio_condition or audio_features is None or self.is_initializing():
+        if cfg.audio_condition:
+            if audio_features is None:
+                raise ValueError("the audio DiT (audio_condition=True) needs audio_features [B,F,"
+                                 f"{cfg.audio_seq_len},{cfg.audio_blocks},{cfg.audio_channels}]; the unconditional "
+                                 "CFG branch takes zeros (they still contribute, spec 5.10)")
+            b, f_want = img.shape[0], 4 * (grid[0] - 1) + 1
+            want = (b, f_want, cfg.audio_seq_len, cfg.audio_blocks, cfg.audio_channels)
+            if tuple(audio_features.shape) != want:
+                raise ValueError(f"audio_features must be {list(want)} (4(T-1)+1 = {f_want} video frames for T="
+                                 f"{grid[0]} latent frames); got {tuple(audio_features.shape)}")
+        if not cfg.audio_condition or self.is_initializing():
             img, txt = run_stack(self, DoubleStreamBlock, cfg, "double_blocks", n, (img, txt), bcast)
-            if cfg.audio_condition and self.is_initializing():
+            if cfg.audio_condition:
                 tokens = self.audio_proj(audio_features)
                 for module in self.audio_models:
-                    img = img + self._audio_delta(module, img, tokens, n_ref, grid, audio_strength)
+                    img = img + self._audio_delta(lambda v, m=module: m(v, tokens, grid), img, n_ref,
+                                                  audio_strength)
             return img, txt
-        tokens = self.audio_proj(audio_features)
-        lo = 0
-        for module, after in zip(self.audio_models, cfg.audio_inject_blocks):
-            img, txt = run_stack(self, DoubleStreamBlock, cfg, "double_blocks", n, (img, txt), bcast,
-                                 layers=(lo, after + 1))
-            img = img + self._audio_delta(module, img, tokens, n_ref, grid, audio_strength)
-            lo = after + 1
-        return run_stack(self, DoubleStreamBlock, cfg, "double_blocks", n, (img, txt), bcast, layers=(lo, n))
+        from .conditioning.audio import PerceiverAttentionCA
 
-    def _audio_delta(self, module, img, tokens, n_ref, grid, strength):
-        delta = module(img[:, n_ref:], tokens, grid) * jnp.asarray(strength, img.dtype)
+        tokens = self.audio_proj(audio_features)
+        params = self.variables["params"]
+        stacked = params["double_blocks"]
+        adapters = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"audio_models_{j}"]
+                                                           for j in range(len(cfg.audio_inject_blocks))])
+        slot = [-1] * n
+        for j, after in enumerate(cfg.audio_inject_blocks):
+            slot[after] = j
+        block, ca = DoubleStreamBlock(cfg, parent=None), PerceiverAttentionCA(cfg, parent=None)
+        take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)  # noqa: E731
+
+        def body(carry, xs):
+            i, j = xs
+            img_, txt_ = block.apply({"params": take(stacked, i)}, carry, *bcast)[0]
+
+            def inject(x):
+                pa = take(adapters, jnp.maximum(j, 0))
+                return x + self._audio_delta(lambda v: ca.apply({"params": pa}, v, tokens, grid), x, n_ref,
+                                             audio_strength)
+
+            return (jax.lax.cond(j >= 0, inject, lambda x: x, img_), txt_), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        (img, txt), _ = jax.lax.scan(body, (img, txt), (jnp.arange(n), jnp.asarray(slot, jnp.int32)))
+        return img, txt
+
+    def _audio_delta(self, adapter, img, n_ref, strength):
+        """``[zeros for the n_ref reference tokens ; strength * adapter(video tokens)]`` (text untouched)."""
+        delta = adapter(img[:, n_ref:]) * jnp.asarray(strength, img.dtype)
         return jnp.pad(delta, ((0, 0), (n_ref, 0), (0, 0)))
 
 

@@ -66,7 +66,8 @@ class PerceiverAttentionCA(nn.Module):
         s = dh ** -0.25
         scores = jnp.einsum("bqnd,bknd->bnqk", q * jnp.asarray(s, dt), kv[:, :, 0] * jnp.asarray(s, dt),
                             preferred_element_type=jnp.float32)
-        p = jax.nn.softmax(scores, axis=-1).astype(dt)
+        # the original forms the scores in the compute dtype (autocast), then runs the softmax in fp32
+        p = jax.nn.softmax(scores.astype(dt).astype(jnp.float32), axis=-1).astype(dt)
         o = jnp.einsum("bnqk,bknd->bqnd", p, kv[:, :, 1])
         o = Dense(d, ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, name="to_out", **kw)(o)
         return o.reshape(b, t * h * w, d)

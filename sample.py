@@ -1,100 +1,115 @@
-"""hcjax sampling entry point.
+"""hcjax sampling: HunyuanCustom image-, audio- and video-driven (editing) generation to MP4.
 
-Current scope (foundation): a flow-matching Euler denoising run of the DiT with classifier-free guidance on
-random text/reference conditioning, using either converted weights (``--ckpt-dir``, written by
-``python -m convert_weights dit``) or random weights of the chosen config. It saves the final latents as
-``.npy``. The full pipeline (text encoders, VAE decode, MP4) replaces this as those components land.
+With no weight flags it runs the embedded default (configs/default_tiny.yaml: tiny random weights, bundled tiny
+tokenizers), which produces noise but exercises the whole pipeline. ``--ckpt-dir`` takes an hcjax bundle or the
+original ``models/`` download (converted on first use). Flags follow HunyuanCustom's sample scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 
-def parse(argv):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/tiny.yaml", help="hcjax YAML preset")
-    p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="config override")
-    p.add_argument("--ckpt-dir", default=None, help="hcjax checkpoint dir (random weights if omitted)")
-    p.add_argument("--latent-size", type=int, nargs=3, default=(2, 8, 8), metavar=("T", "H", "W"))
-    p.add_argument("--text-len", type=int, default=16)
-    p.add_argument("--infer-steps", type=int, default=4)
-    p.add_argument("--flow-shift-eval-video", type=float, default=13.0)
-    p.add_argument("--cfg-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=1024)
-    p.add_argument("--save-path", default="outputs/latents.npy")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    a = p.add_argument
+    a("--ref-image", default=None, help="reference image of the subject (default: a bundled demo image)")
+    a("--pos-prompt", default="Realistic, High-quality. The object moves across the scene.")
+    a("--neg-prompt", default="")
+    a("--item-name", default="object", help="subject name used in '\\nThe {name} looks like<image>'")
+    a("--input-audio", default=None, help="audio file (audio checkpoint)")
+    a("--audio-strength", type=float, default=0.8)
+    a("--input-video", default=None, help="video to edit (editing checkpoint)")
+    a("--mask-video", default=None, help="mask video of the region to replace (editing checkpoint)")
+    a("--expand-scale", type=int, default=5)
+    a("--video-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="default 720 1280 (tiny: 64 64)")
+    a("--sample-n-frames", type=int, default=None, help="4k+1 frames (default 129; tiny: 9)")
+    a("--infer-steps", type=int, default=None, help="default 30 (tiny: 4)")
+    a("--flow-shift-eval-video", type=float, default=None, help="default 13 (editing: 5)")
+    a("--cfg-scale", type=float, default=7.5)
+    a("--ip-cfg-scale", type=float, default=0.0)
+    a("--use-deepcache", type=int, default=1, choices=[0, 1])
+    a("--seed", type=int, default=1024)
+    a("--save-path", default="outputs", help="output directory")
+    a("--fps", type=int, default=25)
+    a("--config", default=None, help="YAML preset for the embedded default (random weights)")
+    a("--set", action="append", default=[], metavar="A.B=V", help="config override")
+    a("--ckpt-dir", default=None, help="hcjax bundle or original models/ directory")
+    a("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def run(args) -> Path:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     from tqdm import tqdm
 
-    from hcjax import dit
-    from hcjax.checkpoint import load_checkpoint_config, load_params
-    from hcjax.config import load_config
+    from hcjax import models as M
+    from hcjax.io import save_video
+    from hcjax.pipeline import Request, generate
 
-    out = Path(args.save_path)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--save-path {out} exists; pass --overwrite to replace it")
-    if args.infer_steps < 1:
-        raise ValueError(f"--infer-steps must be >= 1, got {args.infer_steps}")
-    if args.ckpt_dir:
-        cfg = load_checkpoint_config(args.ckpt_dir)
-        params = load_params(args.ckpt_dir)
-    else:
-        cfg = load_config(args.config, args.set)
-        params = jax.tree.map(lambda a: a, dit.init_params(cfg.dit, jax.random.key(args.seed)))
-    c = cfg.dit
-    import flax.linen as nn
+    out_dir = Path(args.save_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--save-path {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / f".write-test-{id(args)}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--save-path {out_dir} is not writable: {e}") from None
+    if args.cfg_scale < 1.0 and args.neg_prompt:
+        print("warning: --cfg-scale < 1 disables guidance; --neg-prompt is ignored", file=sys.stderr)
+    for flag, path in (("--ref-image", args.ref_image), ("--input-audio", args.input_audio),
+                       ("--input-video", args.input_video), ("--mask-video", args.mask_video)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: file not found")
 
-    params = nn.unbox(params)
-    key = jax.random.key(args.seed)
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    t_, h_, w_ = args.latent_size
-    x = jax.random.normal(k1, (1, t_, h_, w_, c.in_channels), jnp.float32)
-    text = jax.random.normal(k2, (2, args.text_len, c.text_states_dim), jnp.float32)
-    mask = jnp.ones((2, args.text_len), jnp.int32).at[0, args.text_len // 2:].set(0)
-    pooled = jax.random.normal(k3, (2, c.text_states_dim_2), jnp.float32)
-    ref = jax.random.normal(k4, (2, 1, h_, w_, c.in_channels), jnp.float32)
-    n = args.infer_steps
-    s = args.flow_shift_eval_video
-    sig = np.linspace(1.0, 0.0, n + 1)
-    sig = s * sig / (1 + (s - 1) * sig)
-    model = dit.HunyuanDiT(c)
+    t0 = time.perf_counter()
+    models = M.load_models(args.ckpt_dir, args.config, args.set)
+    load_s = time.perf_counter() - t0
+    tiny = args.ckpt_dir is None
+    editing = models.cfg.dit.video_condition
+    req = Request(
+        ref_image=args.ref_image or str(M.ROOT / "assets" / "demo_subject.png"),
+        pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt, item_name=args.item_name,
+        video_size=tuple(args.video_size or ((64, 64) if tiny else (720, 1280))),
+        frames=args.sample_n_frames or (9 if tiny else 129),
+        steps=args.infer_steps or (4 if tiny else 50 if editing else 30),
+        flow_shift=args.flow_shift_eval_video or (5.0 if editing else 13.0),
+        cfg_scale=args.cfg_scale, ip_cfg_scale=args.ip_cfg_scale, use_deepcache=bool(args.use_deepcache),
+        seed=args.seed, input_audio=args.input_audio, audio_strength=args.audio_strength,
+        input_video=args.input_video, mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps)
 
-    @jax.jit
-    def step(x, t, dt):
-        xx = jnp.concatenate([x, x], axis=0)
-        v = model.apply({"params": params}, xx, jnp.full((2,), t, jnp.float32), text, mask, pooled,
-                        ref_latents=ref)
-        v = v[:1] + args.cfg_scale * (v[1:] - v[:1])
-        return x + v * dt
-
-    start = time.perf_counter()
-    for i in tqdm(range(n), desc="denoise", unit="step"):
-        x = step(x, float(1000.0 * sig[i]), float(sig[i + 1] - sig[i]))
-    x = np.asarray(jax.block_until_ready(x))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial.npy")
-    np.save(tmp, x)
-    tmp.replace(out)
-    print(f"{n} steps in {time.perf_counter() - start:.1f}s; latents {x.shape} -> {out}")
-    return out
+    bar = tqdm(total=req.steps, desc="denoising", unit="step")
+    frames, timings = generate(models, req, on_step=lambda i, _x: bar.update(1))
+    bar.close()
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}_seed{req.seed}"
+    video = out_dir / f"{stem}.mp4"
+    save_video(video, frames, fps=req.fps, audio_path=req.input_audio)
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in req.__dict__.items()}
+    settings.update(frames_written=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
+                    ckpt_dir=args.ckpt_dir, config_overrides=args.set, embedded_default=tiny,
+                    timings=dict(load_s=load_s, **timings))
+    (out_dir / f"{stem}.json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {video} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}); load {load_s:.1f}s, "
+          f"denoise {timings['denoise_s']:.1f}s ({timings['s_per_step']:.2f} s/step), total "
+          f"{timings['total_s'] + load_s:.1f}s")
+    return video
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         run(args)
         return 0
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         if args.debug:
             raise

@@ -57,6 +57,10 @@ def concat(arrays: Sequence[Any], axis: int = 0):
 
 def stack(arrays: Sequence[Any], axis: int = 0):
     if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        shapes = [tuple(a.shape) for a in arrays]
+        odd = [i for i, s in enumerate(shapes) if s != shapes[0]]
+        if odd:
+            raise ValueError(f"per-layer shapes differ: layer 0 {shapes[0]} vs layer {odd[0]} {shapes[odd[0]]}")
         shape = list(arrays[0].shape)
         shape.insert(axis, len(arrays))
         return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)
@@ -178,8 +182,7 @@ def _run(rules, source_keys, load, expected, what, dtype=None):
             else:
                 value = r.transform(*[load(k) for k in r.keys])
         except (ValueError, TypeError, IndexError) as e:
-            shapes = {k: tuple(load(k.format(i=0)).shape) for k in r.keys}
-            bad_shapes.append(f"{r.flax_path} <- {', '.join(r.keys)} {shapes}: {e}")
+            bad_shapes.append(f"{r.flax_path} <- {', '.join(r.keys)}: {e}")
             continue
         want = expected[r.flax_path]
         if tuple(value.shape) != tuple(want):

@@ -74,8 +74,11 @@ def _cache_shape(cfg: DiTConfig, latents_shape, conds: Conditions):
     return (conds.batch, n + conds.text_states.shape[1], cfg.hidden_size)
 
 
-def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance):
-    """Build the compiled N-step loop for fixed settings (one compilation per input shape)."""
+def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, on_step=None):
+    """Build the compiled N-step loop for fixed settings (one compilation per input shape).
+
+    ``on_step(i)`` (optional) is called from inside the compiled loop after each step (``jax.debug.callback``),
+    e.g. to advance a progress bar."""
     dit = HunyuanDiT(cfg)
     dtype = to_dtype(cfg.dtype)
     cached_steps = deepcache_mask(num_steps, guidance.use_deepcache)
@@ -114,7 +117,10 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance):
             else:
                 v = model(params, x, t, conds)
             v = combine(v, i, num_steps, guidance, dtype)
-            return euler_step(x, v, sig[i], sig[i + 1]), cache
+            x = euler_step(x, v, sig[i], sig[i + 1])
+            if on_step is not None:
+                jax.debug.callback(on_step, i, x[0, 0, 0, 0, 0])   # data dependency: fires after the step
+            return x, cache
 
         cache0 = jnp.zeros(_cache_shape(cfg, noise.shape, conds) if use_cache else (0,), dtype)
         x0 = noise.astype(jnp.float16).astype(jnp.float32)   # the original draws fp16 noise (spec 6.2)
@@ -158,3 +164,154 @@ def python_loop_reference(cfg: DiTConfig, num_steps: int, guidance: Guidance, pa
         v = combine(v, jnp.asarray(i), num_steps, guidance, dtype)
         x = euler_step(x, v, jnp.float32(sig[i]), jnp.float32(sig[i + 1]))
     return x
+
+
+# ============================================================================================ end to end
+
+
+@dataclasses.dataclass
+class Models:
+    """Everything sampling needs, loaded once: config, DiT and VAE params, text encoders, optional Whisper."""
+
+    cfg: Any                          # hcjax.config.Config
+    dit: Any
+    vae: Any
+    text: Any                         # hcjax.conditioning.llava.TextEncoders
+    whisper: Any = None
+    whisper_extractor: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One sampling job (defaults as the released image-mode scripts, spec 6.5)."""
+
+    ref_image: Any
+    pos_prompt: str
+    neg_prompt: str = ""
+    item_name: str = "object"
+    video_size: tuple[int, int] = (720, 1280)         # (height, width)
+    frames: int = 129
+    steps: int = 30
+    flow_shift: float = 13.0
+    cfg_scale: float = 7.5
+    ip_cfg_scale: float = 0.0
+    use_deepcache: bool = True
+    seed: int = 1024
+    input_audio: str | None = None
+    audio_strength: float = 0.8
+    input_video: str | None = None
+    mask_video: str | None = None
+    expand_scale: int = 5
+    fps: int = 25
+    sample_posterior: bool = True     # VAE encodes sample the posterior as the original does (spec 4.6)
+
+
+def validate_request(cfg, req: Request) -> None:
+    h, w = req.video_size
+    editing = req.input_video is not None or req.mask_video is not None
+    if editing:
+        if not cfg.dit.video_condition:
+            raise ValueError("--input-video/--mask-video need the editing checkpoint (dit.video_condition=True)")
+        if req.input_video is None or req.mask_video is None:
+            raise ValueError("editing needs both --input-video and --mask-video")
+    elif cfg.dit.video_condition:
+        raise ValueError("the editing checkpoint needs --input-video and --mask-video")
+    else:
+        if req.frames < 1 or (req.frames - 1) % 4:
+            raise ValueError(f"--sample-n-frames must be 4k+1 (1, 5, 9, ..., 129); got {req.frames}")
+        if h % 16 or w % 16 or h <= 0 or w <= 0:
+            raise ValueError(f"--video-size must be multiples of 16; got {h}x{w}")
+    if req.input_audio is not None and not cfg.dit.audio_condition:
+        raise ValueError("--input-audio needs the audio checkpoint (dit.audio_condition=True); this DiT has none")
+    if cfg.dit.audio_condition and req.input_audio is None:
+        raise ValueError("the audio checkpoint needs --input-audio")
+    if req.ip_cfg_scale > 0 and (cfg.dit.audio_condition or cfg.dit.video_condition):
+        raise ValueError("--ip-cfg-scale is only supported by the image model (spec 6.3)")
+    if req.steps < 1:
+        raise ValueError(f"--infer-steps must be >= 1; got {req.steps}")
+    if cfg.dit.text_states_dim != cfg.llama.hidden_size or cfg.dit.text_states_dim_2 != cfg.clip_text.hidden_size:
+        raise ValueError("config mismatch: dit.text_states_dim/text_states_dim_2 must equal llama.hidden_size/"
+                         "clip_text.hidden_size")
+
+
+def _pixels(img_uint8: np.ndarray) -> np.ndarray:
+    return (img_uint8.astype(np.float32) / 255.0) * 2.0 - 1.0
+
+
+def generate(models: Models, req: Request, on_step=None) -> tuple[np.ndarray, dict]:
+    """Run one request -> (uint8 frames ``[F, h, w, 3]``, timings). ``on_step(i)`` is called after each step."""
+    import time
+
+    from .conditioning.llava import encode_prompts, load_rgb, pad_resize
+    from .io import to_uint8
+    from .scheduler import sigmas as make_sigmas
+    from .vae import decode_latents, encode_video
+
+    cfg = models.cfg
+    validate_request(cfg, req)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    key = jax.random.key(req.seed)
+    k_noise, k_ref, k_white, k_bg = jax.random.split(key, 4)
+    post = (lambda k: k) if req.sample_posterior else (lambda k: None)
+
+    bg_latents = None
+    if cfg.dit.video_condition:
+        from .conditioning.video import bg_latents_from_files
+
+        bg_latents, (frames, h, w) = bg_latents_from_files(req.input_video, req.mask_video, models.vae, cfg.vae,
+                                                           req.expand_scale, key=post(k_bg))
+    else:
+        frames, (h, w) = req.frames, req.video_size
+    ref_rgb = load_rgb(req.ref_image)
+    ref_pix = _pixels(pad_resize(ref_rgb, w, h))[None, None]                   # [1, 1, h, w, 3]
+    ref_latents = encode_video(models.vae, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
+    timings["vae_encode_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    pos, neg = encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
+                              item_names=req.item_name)
+    timings["text_encode_s"] = time.perf_counter() - t1
+
+    g = Guidance(cfg_scale=req.cfg_scale, ip_cfg_scale=req.ip_cfg_scale, use_deepcache=req.use_deepcache,
+                 audio_strength=req.audio_strength)
+    audio = None
+    if cfg.dit.audio_condition:
+        from .conditioning.whisper import audio_prompts_from_file
+
+        audio = jnp.asarray(audio_prompts_from_file(req.input_audio, models.whisper, cfg.whisper, frames,
+                                                    extractor=models.whisper_extractor))
+    branches = g.branches()
+    if branches == 3:
+        white = encode_video(models.vae, cfg.vae, jnp.ones_like(jnp.asarray(ref_pix)), post(k_white))
+        order = [(neg, white), (pos, white), (pos, ref_latents)]
+    elif branches == 2:
+        order = [(neg, ref_latents), (pos, ref_latents)]
+    else:
+        order = [(pos, ref_latents)]
+    cat = lambda xs: jnp.concatenate([jnp.asarray(x) for x in xs], axis=0)  # noqa: E731
+    conds = Conditions(
+        text_states=cat([c.text_states for c, _ in order]).astype(to_dtype(cfg.dit.dtype)),
+        text_mask=cat([c.text_mask for c, _ in order]),
+        text_states_2=cat([c.text_states_2 for c, _ in order]).astype(to_dtype(cfg.dit.dtype)),
+        ref_latents=cat([r for _, r in order]),
+        audio_features=None if audio is None else (
+            cat([jnp.zeros_like(audio), audio]) if branches == 2 else audio),
+        bg_latents=None if bg_latents is None else jnp.concatenate([bg_latents] * branches, axis=0),
+    )
+    v = cfg.vae
+    lat_shape = (1, (frames - 1) // v.time_compression_ratio + 1, h // v.spatial_compression_ratio,
+                 w // v.spatial_compression_ratio, cfg.dit.in_channels)
+    noise = initial_noise(k_noise, lat_shape)
+    sig = make_sigmas(req.steps, req.flow_shift)
+    denoise = make_denoise_fn(cfg.dit, req.steps, g, on_step)
+    t2 = time.perf_counter()
+    latents = jax.block_until_ready(denoise(models.dit, noise, conds, jnp.asarray(sig)))
+    timings["denoise_s"] = time.perf_counter() - t2
+    timings["s_per_step"] = timings["denoise_s"] / req.steps
+    t3 = time.perf_counter()
+    pixels = decode_latents(models.vae, cfg.vae, latents)
+    frames_u8 = to_uint8(np.asarray(pixels)[0])
+    timings["vae_decode_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    return frames_u8, timings

@@ -156,3 +156,11 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".never*"))
     r = _cli("dit", "--src", str(tmp_path / "missing.pt"), "--out", str(out))
     assert r.returncode == 2 and "missing.pt" in r.stderr
+
+
+def test_check_catches_a_mis_shaped_layer_beyond_the_first(manifests_dir):
+    cfg = preset("hunyuancustom_720p").dit
+    shapes = manifest(manifests_dir, "hunyuancustom_720P.json")
+    shapes["double_blocks.7.img_mlp.fc1.weight"] = (12288, 3070)
+    with pytest.raises(ConversionError, match=r"double_blocks/img_mlp/fc1/kernel.*layer 7"):
+        conv.check(shapes, cfg, "original")

@@ -1,0 +1,183 @@
+"""Loading everything sampling needs (``pipeline.Models``) from one of three sources.
+
+1. **Embedded default** (no weights given): ``configs/default_tiny.yaml`` with randomly initialised weights
+   (seeded) and the bundled tiny tokenizers in ``assets/tiny_tokenizers``. Runs anywhere with no downloads;
+   its output is noise by construction.
+2. **hcjax bundle** (``--ckpt-dir DIR`` with ``DIR/dit``, ``DIR/vae``, ``DIR/llava``, ``DIR/clip`` and, for the
+   audio model, ``DIR/whisper``): each an hcjax checkpoint (``config.json`` + ``params/``); ``llava``/``clip``/
+   ``whisper`` also hold the tokenizer / preprocessor files.
+3. **Original ``models/`` download** (``--ckpt-dir models``): ``hunyuancustom_720P[_audio|_editing]/
+   mp_rank_00_model_states.pt``, ``vae_3d/hyvae_v1_0801/pytorch_model.pt``, ``llava-llama-3-8b-v1_1/``,
+   ``openai_clip-vit-large-patch14/``, ``whisper-tiny/``. Converted on first use into ``DIR/.hcjax/<variant>``
+   (a bundle as in 2) with a progress bar; later runs load the converted bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+
+from .checkpoint import load_checkpoint_config, load_params, save_params
+from .config import PRESET_DIR, Config, load_config
+from .pipeline import Models
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TOKENIZERS = ROOT / "assets" / "tiny_tokenizers"
+DEFAULT_CONFIG = PRESET_DIR / "default_tiny.yaml"
+ORIGINAL_DIT = {"image": "hunyuancustom_720P", "audio": "hunyuancustom_audio_720P",
+                "editing": "hunyuancustom_editing_720P"}
+ORIGINAL_PRESET = {"image": "hunyuancustom_720p.yaml", "audio": "hunyuancustom_720p_audio.yaml",
+                   "editing": "hunyuancustom_720p_editing.yaml"}
+
+
+def _unboxed(tree):
+    return jax.tree.map(lambda a: a, nn.unbox(tree))
+
+
+def random_models(cfg: Config | None = None, seed: int = 0, tokenizers: Path = TINY_TOKENIZERS) -> Models:
+    """The embedded default: random weights for every component (seeded) and the bundled tiny tokenizers."""
+    from . import dit, vae
+    from .conditioning import clip, llava, whisper
+
+    cfg = cfg or load_config(DEFAULT_CONFIG)
+    ks = jax.random.split(jax.random.key(seed), 5)
+    text = llava.load_text_encoders(
+        tokenizers / "llava", tokenizers / "clip", cfg,
+        llava_params=_unboxed(llava.init_params(cfg, ks[2])),
+        clip_params=_unboxed(clip.init_text_params(cfg.clip_text, ks[3])))
+    wparams = _unboxed(whisper.init_params(cfg.whisper, ks[4])) if cfg.dit.audio_condition else None
+    return Models(cfg, _unboxed(dit.init_params(cfg.dit, ks[0])), _unboxed(vae.init_params(cfg, ks[1])), text,
+                  wparams, whisper.feature_extractor(None) if cfg.dit.audio_condition else None)
+
+
+def is_bundle(d: Path) -> bool:
+    return all((d / c / "config.json").is_file() for c in ("dit", "vae", "llava", "clip"))
+
+
+def load_bundle(d: Path, overrides=()) -> Models:
+    """An hcjax bundle directory (see module docstring). The DiT's config.json decides the variant."""
+    from .conditioning import llava, whisper
+
+    d = Path(d)
+    for c in ("dit", "vae", "llava", "clip"):
+        if not (d / c / "config.json").is_file():
+            raise FileNotFoundError(f"{d}: missing hcjax checkpoint {c}/ (config.json + params/)")
+    base = load_checkpoint_config(d / "dit")
+    cfg = base
+    if overrides:
+        import json
+
+        from .config import from_dict, to_dict
+
+        data = to_dict(base)
+        for item in overrides:
+            from .config import _apply_override
+
+            _apply_override(data, item)
+        cfg = from_dict(Config, json.loads(json.dumps(data))).validate()
+    text = llava.load_text_encoders(d / "llava", d / "clip", cfg)
+    wp, fe = None, None
+    if cfg.dit.audio_condition:
+        if not (d / "whisper" / "config.json").is_file():
+            raise FileNotFoundError(f"{d}: the audio DiT needs whisper/ (hcjax checkpoint + preprocessor_config.json)")
+        wp = load_params(d / "whisper")
+        fe = whisper.feature_extractor(d / "whisper")
+    return Models(cfg, load_params(d / "dit"), load_params(d / "vae"), text, wp, fe)
+
+
+def _variant_of(models_dir: Path, variant: str | None) -> str:
+    found = [v for v, sub in ORIGINAL_DIT.items() if (models_dir / sub / "mp_rank_00_model_states.pt").is_file()]
+    if variant is not None:
+        if variant not in found:
+            raise FileNotFoundError(f"{models_dir}: no {ORIGINAL_DIT[variant]}/mp_rank_00_model_states.pt for the "
+                                    f"{variant} mode (found: {found or 'none'})")
+        return variant
+    if len(found) != 1:
+        raise FileNotFoundError(f"{models_dir}: expected exactly one of {sorted(ORIGINAL_DIT.values())}/"
+                                f"mp_rank_00_model_states.pt (found {found or 'none'}); pass the mode explicitly")
+    return found[0]
+
+
+def convert_original(models_dir: Path, variant: str | None = None, dtype: str = "bfloat16") -> Path:
+    """Convert an original ``models/`` download into an hcjax bundle ``models/.hcjax/<variant>`` (once)."""
+    from tqdm import tqdm
+
+    from convert_weights import clip as cclip
+    from convert_weights import dit as cdit
+    from convert_weights import llava as cllava
+    from convert_weights import vae as cvae
+    from convert_weights import whisper as cwhisper
+    from convert_weights.readers import read_state_dict
+
+    import ml_dtypes
+    import numpy as np
+
+    variant = _variant_of(models_dir, variant)
+    out = models_dir / ".hcjax" / variant
+    if is_bundle(out):
+        return out
+    cfg = load_config(PRESET_DIR / ORIGINAL_PRESET[variant])
+    npdt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[dtype]
+    llava_dir = models_dir / "llava-llama-3-8b-v1_1"
+    clip_dir = models_dir / "openai_clip-vit-large-patch14"
+    whisper_dir = models_dir / "whisper-tiny"
+    vae_file = models_dir / "vae_3d" / "hyvae_v1_0801" / "pytorch_model.pt"
+    for p in [llava_dir, clip_dir, vae_file] + ([whisper_dir] if variant == "audio" else []):
+        if not p.exists():
+            raise FileNotFoundError(f"original model layout: missing {p}")
+    tmp = out.with_name(f".{variant}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    jobs = [
+        ("dit", lambda: cdit.from_original(read_state_dict(
+            models_dir / ORIGINAL_DIT[variant] / "mp_rank_00_model_states.pt", "module"), cfg.dit, dtype=npdt)),
+        ("vae", lambda: cvae.from_original(read_state_dict(vae_file), cfg, dtype=npdt)),
+        ("llava", lambda: cllava.from_hf(read_state_dict(llava_dir), cfg, dtype=npdt)),
+        ("clip", lambda: cclip.from_hf(read_state_dict(clip_dir), cfg, dtype=npdt)),
+    ]
+    if variant == "audio":
+        jobs.append(("whisper", lambda: cwhisper.from_hf(read_state_dict(whisper_dir), cfg)))
+    try:
+        for name, job in tqdm(jobs, desc=f"converting {models_dir} ({variant})", unit="component"):
+            save_params(tmp / name, job(), cfg)
+        for name, src in (("llava", llava_dir), ("clip", clip_dir), ("whisper", whisper_dir)):
+            if (tmp / name).is_dir() and src.is_dir():
+                for f in src.iterdir():
+                    if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")) and \
+                            f.name not in ("config.json",):
+                        shutil.copy2(f, tmp / name / f.name)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_models(ckpt_dir: str | Path | None, config: str | Path | None = None, overrides=(), seed: int = 0,
+                variant: str | None = None) -> Models:
+    """Dispatch on the source (module docstring). ``config``/``overrides`` apply to the embedded default."""
+    if ckpt_dir is None:
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        return random_models(cfg, seed)
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--ckpt-dir {d} does not exist")
+    if is_bundle(d):
+        return load_bundle(d, overrides)
+    if any((d / sub).is_dir() for sub in ORIGINAL_DIT.values()):
+        return load_bundle(convert_original(d, variant), overrides)
+    raise FileNotFoundError(f"--ckpt-dir {d}: neither an hcjax bundle (dit/, vae/, llava/, clip/) nor an original "
+                            f"models/ download ({', '.join(ORIGINAL_DIT.values())}/...)")
+
+
+def variant_config(models: Models) -> str:
+    c = models.cfg.dit
+    return "audio" if c.audio_condition else "editing" if c.video_condition else "image"
+
+
+def with_dit_overrides(models: Models, **kw) -> Models:
+    return dataclasses.replace(models, cfg=dataclasses.replace(models.cfg, dit=dataclasses.replace(models.cfg.dit,
+                                                                                                  **kw)))

@@ -184,6 +184,20 @@ def test_load_audio_wav_resample_and_mp3(tmp_path):
     assert abs(mp3.shape[0] - 16000) < 2000 and 0.3 < np.abs(mp3).max() < 0.7
 
 
+def test_feature_extractor_from_local_dir(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        W.feature_extractor(tmp_path)
+    WhisperFeatureExtractor(chunk_length=30).save_pretrained(tmp_path)
+    fe = W.feature_extractor(tmp_path)
+    wave = np.sin(np.arange(8000) / 7.0).astype(np.float32)
+    mel = W.log_mel(wave, fe)
+    want = WhisperFeatureExtractor()(wave, sampling_rate=16000, return_tensors="np").input_features
+    assert mel.shape == (1, 3000, 80)
+    np.testing.assert_array_equal(mel, want.transpose(0, 2, 1))
+
+
 def test_load_audio_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.wav"):
         W.load_audio(tmp_path / "nope.wav")

@@ -49,7 +49,7 @@ def run(args) -> Path:
 
     from hcjax import models as M
     from hcjax.io import save_video
-    from hcjax.pipeline import Request, generate
+    from hcjax.pipeline import Request, generate, validate_request
 
     out_dir = Path(args.save_path)
     if out_dir.exists() and not out_dir.is_dir():
@@ -68,11 +68,9 @@ def run(args) -> Path:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: file not found")
 
-    t0 = time.perf_counter()
-    models = M.load_models(args.ckpt_dir, args.config, args.set)
-    load_s = time.perf_counter() - t0
+    cfg = M.resolve_config(args.ckpt_dir, args.config, args.set)
     tiny = args.ckpt_dir is None
-    editing = models.cfg.dit.video_condition
+    editing = cfg.dit.video_condition
     req = Request(
         ref_image=args.ref_image or str(M.ROOT / "assets" / "demo_subject.png"),
         pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt, item_name=args.item_name,
@@ -83,9 +81,13 @@ def run(args) -> Path:
         cfg_scale=args.cfg_scale, ip_cfg_scale=args.ip_cfg_scale, use_deepcache=bool(args.use_deepcache),
         seed=args.seed, input_audio=args.input_audio, audio_strength=args.audio_strength,
         input_video=args.input_video, mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps)
+    validate_request(cfg, req)                      # fail fast, before any weight is loaded
+    t0 = time.perf_counter()
+    models = M.load_models(args.ckpt_dir, args.config, args.set)
+    load_s = time.perf_counter() - t0
 
     bar = tqdm(total=req.steps, desc="denoising", unit="step")
-    frames, timings = generate(models, req, on_step=lambda i, _x: bar.update(1))
+    frames, timings = generate(models, req, on_step=lambda i: bar.update(1))
     bar.close()
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_seed{req.seed}"
     video = out_dir / f"{stem}.mp4"

@@ -34,8 +34,23 @@ ORIGINAL_PRESET = {"image": "hunyuancustom_720p.yaml", "audio": "hunyuancustom_7
                    "editing": "hunyuancustom_720p_editing.yaml"}
 
 
-def _unboxed(tree):
-    return jax.tree.map(lambda a: a, nn.unbox(tree))
+def random_params(init_fn, seed: int, std: float = 0.02):
+    """Random weights with the structure of ``init_fn(key)`` without compiling it: shapes from ``jax.eval_shape``,
+    values from numpy (norm scales 1, biases 0, other tensors N(0, std)). For the embedded default only."""
+    import numpy as np
+
+    abstract = nn.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * std).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def random_models(cfg: Config | None = None, seed: int = 0, tokenizers: Path = TINY_TOKENIZERS) -> Models:
@@ -44,13 +59,14 @@ def random_models(cfg: Config | None = None, seed: int = 0, tokenizers: Path = T
     from .conditioning import clip, llava, whisper
 
     cfg = cfg or load_config(DEFAULT_CONFIG)
-    ks = jax.random.split(jax.random.key(seed), 5)
     text = llava.load_text_encoders(
         tokenizers / "llava", tokenizers / "clip", cfg,
-        llava_params=_unboxed(llava.init_params(cfg, ks[2])),
-        clip_params=_unboxed(clip.init_text_params(cfg.clip_text, ks[3])))
-    wparams = _unboxed(whisper.init_params(cfg.whisper, ks[4])) if cfg.dit.audio_condition else None
-    return Models(cfg, _unboxed(dit.init_params(cfg.dit, ks[0])), _unboxed(vae.init_params(cfg, ks[1])), text,
+        llava_params=random_params(lambda k: llava.init_params(cfg, k), seed + 2),
+        clip_params=random_params(lambda k: clip.init_text_params(cfg.clip_text, k), seed + 3))
+    wparams = random_params(lambda k: whisper.init_params(cfg.whisper, k), seed + 4) \
+        if cfg.dit.audio_condition else None
+    return Models(cfg, random_params(lambda k: dit.init_params(cfg.dit, k), seed),
+                  random_params(lambda k: vae.init_params(cfg, k), seed + 1), text,
                   wparams, whisper.feature_extractor(None) if cfg.dit.audio_condition else None)
 
 
@@ -66,19 +82,7 @@ def load_bundle(d: Path, overrides=()) -> Models:
     for c in ("dit", "vae", "llava", "clip"):
         if not (d / c / "config.json").is_file():
             raise FileNotFoundError(f"{d}: missing hcjax checkpoint {c}/ (config.json + params/)")
-    base = load_checkpoint_config(d / "dit")
-    cfg = base
-    if overrides:
-        import json
-
-        from .config import from_dict, to_dict
-
-        data = to_dict(base)
-        for item in overrides:
-            from .config import _apply_override
-
-            _apply_override(data, item)
-        cfg = from_dict(Config, json.loads(json.dumps(data))).validate()
+    cfg = _with_overrides(load_checkpoint_config(d / "dit"), overrides)
     text = llava.load_text_encoders(d / "llava", d / "clip", cfg)
     wp, fe = None, None
     if cfg.dit.audio_condition:
@@ -154,6 +158,34 @@ def convert_original(models_dir: Path, variant: str | None = None, dtype: str = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def resolve_config(ckpt_dir: str | Path | None, config: str | Path | None = None, overrides=()) -> Config:
+    """The config :func:`load_models` would use, without loading any weights (for early validation)."""
+    if ckpt_dir is None:
+        return load_config(config or DEFAULT_CONFIG, overrides)
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--ckpt-dir {d} does not exist")
+    if is_bundle(d):
+        return _with_overrides(load_checkpoint_config(d / "dit"), overrides)
+    if any((d / sub).is_dir() for sub in ORIGINAL_DIT.values()):
+        return load_config(PRESET_DIR / ORIGINAL_PRESET[_variant_of(d, None)], overrides)
+    raise FileNotFoundError(f"--ckpt-dir {d}: neither an hcjax bundle (dit/, vae/, llava/, clip/) nor an original "
+                            f"models/ download ({', '.join(ORIGINAL_DIT.values())}/...)")
+
+
+def _with_overrides(cfg: Config, overrides) -> Config:
+    if not overrides:
+        return cfg
+    import json
+
+    from .config import _apply_override, from_dict, to_dict
+
+    data = to_dict(cfg)
+    for item in overrides:
+        _apply_override(data, item)
+    return from_dict(Config, json.loads(json.dumps(data))).validate()
 
 
 def load_models(ckpt_dir: str | Path | None, config: str | Path | None = None, overrides=(), seed: int = 0,

@@ -74,11 +74,20 @@ def _cache_shape(cfg: DiTConfig, latents_shape, conds: Conditions):
     return (conds.batch, n + conds.text_states.shape[1], cfg.hidden_size)
 
 
-def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, on_step=None):
-    """Build the compiled N-step loop for fixed settings (one compilation per input shape).
+_STEP_HOOKS: list = []
 
-    ``on_step(i)`` (optional) is called from inside the compiled loop after each step (``jax.debug.callback``),
-    e.g. to advance a progress bar."""
+
+def _notify_step(i, _x):
+    for hook in list(_STEP_HOOKS):
+        hook(int(i))
+
+
+@functools.lru_cache(maxsize=16)
+def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_steps: bool = False):
+    """Build (once per settings, cached) the compiled N-step loop; it compiles once per input shape.
+
+    With ``report_steps`` the loop calls the hooks in ``_STEP_HOOKS`` after each step from inside the compiled
+    loop (``jax.debug.callback``), e.g. to advance a progress bar (see :func:`step_hook`)."""
     dit = HunyuanDiT(cfg)
     dtype = to_dtype(cfg.dtype)
     cached_steps = deepcache_mask(num_steps, guidance.use_deepcache)
@@ -118,8 +127,8 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, on_step=
                 v = model(params, x, t, conds)
             v = combine(v, i, num_steps, guidance, dtype)
             x = euler_step(x, v, sig[i], sig[i + 1])
-            if on_step is not None:
-                jax.debug.callback(on_step, i, x[0, 0, 0, 0, 0])   # data dependency: fires after the step
+            if report_steps:
+                jax.debug.callback(_notify_step, i, x[0, 0, 0, 0, 0])   # data dependency: fires after the step
             return x, cache
 
         cache0 = jnp.zeros(_cache_shape(cfg, noise.shape, conds) if use_cache else (0,), dtype)
@@ -304,9 +313,15 @@ def generate(models: Models, req: Request, on_step=None) -> tuple[np.ndarray, di
                  w // v.spatial_compression_ratio, cfg.dit.in_channels)
     noise = initial_noise(k_noise, lat_shape)
     sig = make_sigmas(req.steps, req.flow_shift)
-    denoise = make_denoise_fn(cfg.dit, req.steps, g, on_step)
+    denoise = make_denoise_fn(cfg.dit, req.steps, g, report_steps=on_step is not None)
     t2 = time.perf_counter()
-    latents = jax.block_until_ready(denoise(models.dit, noise, conds, jnp.asarray(sig)))
+    if on_step is not None:
+        _STEP_HOOKS.append(on_step)
+    try:
+        latents = jax.block_until_ready(denoise(models.dit, noise, conds, jnp.asarray(sig)))
+    finally:
+        if on_step is not None:
+            _STEP_HOOKS.remove(on_step)
     timings["denoise_s"] = time.perf_counter() - t2
     timings["s_per_step"] = timings["denoise_s"] / req.steps
     t3 = time.perf_counter()

@@ -93,7 +93,7 @@ def test_whisper_manifest_and_strictness(manifests_dir):
         wconv.check({"foo.weight": (1,)}, WhisperConfig())
 
 
-def test_whisper_convert_cli(tmp_path):
+def test_whisper_convert_cli(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     from convert_weights.__main__ import main
@@ -110,6 +110,10 @@ def test_whisper_convert_cli(tmp_path):
                                   state_dict_numpy(model)["encoder.conv1.weight"].transpose(2, 1, 0))
     # a shape mismatch (default 384-wide config) is a one-line error naming the file, exit code 2
     assert main(["whisper", "--src", str(src), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "mis-shaped" in err and err.count("\n") == 1
+    assert main(["whisper", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out3")]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- windows

@@ -4,6 +4,11 @@ Ports ``hymm_sp/modules/audio_adapters.py`` (spec 5.10). Whisper window features
 (``F`` video frames, ``W=10`` window, ``Lw=5`` hidden states, ``Ca=384``) are projected to ``context_tokens``
 tokens per frame, regrouped into ``4 * context_tokens`` tokens per latent frame, and attended to by the video
 tokens of that latent frame after selected double blocks.
+
+``HunyuanDiT._double_blocks`` runs all double blocks in one ``lax.scan`` and applies adapter ``k`` (its params
+stacked on the fly) under ``lax.cond`` after block ``audio_inject_blocks[k]``; reference tokens get zero and the
+update is scaled by ``audio_strength``. Numerics: LayerNorms eps 1e-5 in fp32, scores formed in the compute dtype
+with ``dh^-1/4`` on both q and k, softmax in fp32 (spec 5.10).
 """
 
 from __future__ import annotations

@@ -328,7 +328,10 @@ def convert_file(args) -> Path:
     if args.dtype:
         dit = dataclasses.replace(dit, param_dtype=args.dtype)
         cfg = dataclasses.replace(cfg, dit=dit)
-    params = convert(sd, dit, fmt, dtype=_np_dtype(args.dtype))
+    try:
+        params = convert(sd, dit, fmt, dtype=_np_dtype(args.dtype))
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from None
     return save_params(out, params, cfg, overwrite=args.overwrite)
 
 

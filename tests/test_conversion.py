@@ -152,7 +152,7 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     out = tmp_path / "never"
     r = _cli("dit", "--src", str(src), "--out", str(out), "--config", "configs/tiny.yaml")
     assert r.returncode == 2
-    assert "final_layer.linear.bias" in r.stderr and "Traceback" not in r.stderr
+    assert "final_layer.linear.bias" in r.stderr and "Traceback" not in r.stderr and "broken.pt" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))
     r = _cli("dit", "--src", str(tmp_path / "missing.pt"), "--out", str(out))
     assert r.returncode == 2 and "missing.pt" in r.stderr

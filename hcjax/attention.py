@@ -3,24 +3,109 @@
 ``dot_product_attention(q, k, v, kv_lengths=..., impl=...)`` with ``q, k, v [B, L, N, K]`` implements the
 original's varlen flash attention (spec 5.7) by key-padding: for sample ``b`` every query sees keys
 ``[0, kv_lengths[b])``. Outputs on valid queries equal the original; padded queries (text padding at the tail)
-see the valid keys too, so they stay finite and are discarded later. Implementations:
+see the valid keys too, so they stay finite and are discarded later. Kernels (``impl``):
 
 * ``xla``     ``jax.nn.dot_product_attention(..., key_value_seq_lengths=...)`` (XLA softmax attention)
 * ``cudnn``   the same call with ``implementation="cudnn"`` (GPU only; raises elsewhere, never falls back)
 * ``chunked`` blockwise attention with an online softmax in fp32 (flash-style, O(L) memory), pure JAX
+* ``splash``  Pallas TPU splash attention with segment ids (``0`` = the valid prefix, ``1`` = padding; exactly
+              the original's two varlen segments, spec 7b). TPU only, or ``interpret=True`` (CPU tests).
+
+Sharding. The dispatcher reads the mesh from context (``jax.set_mesh``, see ``hcjax.sharding.use_mesh``) and the
+activation layout from the Flax logical rules (``act_batch``, ``act_seq``, ``act_heads``). Under a mesh with
+more than one device it always runs inside ``jax.shard_map`` (attention is independent per sample and head):
+
+* sequence degree 1: the kernel runs on the local batch/head shard.
+* ``ulysses``: all-to-all over the ``sequence`` axis turns ``[B, L/sp, N/tp]`` into ``[B, L, N/(tp sp)]``, the
+  kernel runs on whole sequences, and a second all-to-all restores the layout (needs ``(N/tp) % sp == 0``).
+* ``ring``: queries stay put; K/V blocks rotate around the ``sequence`` axis with ``ppermute`` and are folded
+  into an online softmax (any degree; kernels ``xla`` = one dense block per step, ``chunked`` = blockwise).
+
+Token (and batch) counts that the mesh does not divide are padded; padded keys lie beyond every
+``kv_lengths[b]`` and are masked, padded queries are dropped. The mode comes from ``options(...)`` (set by
+``hcjax.sharding.use_mesh``) or an explicit argument. Invalid combinations raise; nothing falls back silently.
 
 ``masked_attention`` is the small dense-mask variant used by the token refiner (arbitrary boolean masks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-IMPLS = ("xla", "cudnn", "chunked")
+IMPLS = ("xla", "cudnn", "chunked", "splash")
+SEQUENCE_PARALLEL = ("ulysses", "ring", "auto")
+RING_KERNELS = ("xla", "chunked")       # kernels that expose the running max/sum needed to merge ring steps
+ATTN_LOGICAL = ("act_batch", "act_seq", "act_heads")
 _NEG = -1e30  # finite "minus infinity": a fully masked row can never produce NaN
+
+
+# ------------------------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How the dispatcher parallelises over the ``sequence`` mesh axis and runs Pallas kernels."""
+
+    sequence_parallel: str = "ulysses"   # ulysses | ring | auto (ulysses when the heads allow it, else ring)
+    interpret: bool = False              # splash: run the Pallas kernel in interpret mode (CPU tests)
+    rules: tuple = ()                    # the Flax logical rules in force (set by hcjax.sharding.use_mesh); kept
+                                         # here so that jitted functions retrace when the rules change
+
+    def __post_init__(self):
+        if self.sequence_parallel not in SEQUENCE_PARALLEL:
+            raise ValueError(f"sequence_parallel={self.sequence_parallel!r}; expected one of {SEQUENCE_PARALLEL}")
+
+
+def _options_state():
+    """A JAX config state holding the options: part of the trace context and jit cache key, so a function jitted
+    under one mode is retraced (not silently reused) under another. Falls back to a context variable if this JAX
+    has no such hook (then trace under each setting with a fresh jit)."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.string_or_object_state(
+            "hcjax_attention_options", AttentionOptions(), help="hcjax attention dispatch options",
+            include_in_jit_key=True, include_in_trace_context=True)
+    except Exception:  # pragma: no cover - depends on JAX internals
+        return None
+
+
+_STATE = _options_state()
+_OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("hcjax_attention",
+                                                                           default=AttentionOptions())
+
+
+def current_options() -> AttentionOptions:
+    return _STATE.value if _STATE is not None else _OPTIONS.get()
+
+
+@contextlib.contextmanager
+def options(**kwargs):
+    """Set :class:`AttentionOptions` fields for calls traced inside the block (e.g. ``sequence_parallel="ring"``).
+
+    Read at trace time; the options are part of JAX's trace context, so jitted functions retrace per setting.
+    """
+    new = dataclasses.replace(current_options(), **kwargs)
+    if _STATE is not None:
+        with _STATE(new):
+            yield new
+        return
+    token = _OPTIONS.set(new)
+    try:
+        yield new
+    finally:
+        _OPTIONS.reset(token)
+
+
+# ------------------------------------------------------------------------------------------- dispatch
 
 
 def dot_product_attention(
@@ -32,15 +117,145 @@ def dot_product_attention(
     impl: str = "chunked",
     block_q: int = 512,
     block_kv: int = 512,
+    mesh=None,
+    sequence_parallel: str | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
+    """Key-padded attention ``[B, L, N, K] -> [B, L, N, K]``; ``mesh`` defaults to the context mesh."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q [B,L,N,K] and k, v [B,S,N,K]; got {q.shape}, {k.shape}, {v.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+    if kv_lengths.shape != (q.shape[0],):
+        raise ValueError(f"kv_lengths must be [B]=[{q.shape[0]}]; got {tuple(kv_lengths.shape)}")
+    opts = current_options()
+    sp_mode = sequence_parallel if sequence_parallel is not None else opts.sequence_parallel
+    if sp_mode not in SEQUENCE_PARALLEL:
+        raise ValueError(f"sequence_parallel={sp_mode!r}; expected one of {SEQUENCE_PARALLEL}")
+    interpret = opts.interpret if interpret is None else interpret
     kv_lengths = kv_lengths.astype(jnp.int32)
+    kernel = functools.partial(_local, impl=impl, block_q=block_q, block_kv=block_kv, interpret=interpret)
+    mesh = _context_mesh(mesh)
+    if mesh is None:
+        return kernel(q, k, v, kv_lengths)
+    return _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv)
+
+
+def _local(q, k, v, kv_lengths, *, impl, block_q, block_kv, interpret):
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, implementation=impl)
     if impl == "chunked":
         return chunked_attention(q, k, v, kv_lengths, block_q=block_q, block_kv=block_kv)
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+    return splash_attention(q, k, v, kv_lengths, block_q=block_q, block_kv=block_kv, interpret=interpret)
+
+
+def _context_mesh(mesh):
+    """The mesh to shard over, or None for single-device execution."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return None
+    if math.prod(mesh.shape.values()) == 1:
+        return None
+    return mesh
+
+
+def _mesh_axes(entry, mesh) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    missing = [n for n in names if n not in mesh.shape]
+    if missing:
+        raise ValueError(f"logical attention rules name mesh axes {missing} absent from the mesh {dict(mesh.shape)}")
+    return names
+
+
+def attention_partition(mesh) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Mesh axes of (batch, sequence, heads) of ``q [B, L, N, K]`` from the active Flax logical rules."""
+    import flax.linen as nn
+
+    if not nn.get_logical_axis_rules():
+        raise ValueError(
+            f"attention under a {dict(mesh.shape)} mesh needs Flax logical axis rules for {ATTN_LOGICAL} "
+            "(run the model inside hcjax.sharding.use_mesh(mesh, ...))")
+    spec = nn.logical_to_mesh_axes(ATTN_LOGICAL)
+    return tuple(_mesh_axes(e, mesh) for e in spec)
+
+
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _axis(axes: tuple[str, ...]):
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv):
+    batch_ax, seq_ax, head_ax = attention_partition(mesh)
+    nb, sp, tp = _size(mesh, batch_ax), _size(mesh, seq_ax), _size(mesh, head_ax)
+    b, length, n, _ = q.shape
+    if n % tp:
+        raise ValueError(f"{n} attention heads cannot be split over the {head_ax} mesh axes of size {tp}")
+    mode = None
+    if sp > 1:
+        mode = sp_mode
+        if mode == "auto":
+            mode = "ulysses" if (n // tp) % sp == 0 else "ring"
+        if mode == "ulysses" and (n // tp) % sp:
+            raise ValueError(f"Ulysses sequence parallelism needs the {n // tp} heads per tensor shard to be "
+                             f"divisible by the sequence degree {sp}; use sequence_parallel='ring' (or 'auto')")
+        if mode == "ring" and impl not in RING_KERNELS:
+            raise ValueError(f"ring attention composes with the kernels {RING_KERNELS}, not {impl!r} "
+                             "(it needs the running softmax statistics); use ulysses or another kernel")
+    # Pad the sequence to a multiple of the degree (padded keys sit beyond every kv_length) and the batch to a
+    # multiple of the batch shards (padded samples see their zero keys); both are dropped afterwards.
+    qp, kp, vp = (_pad_to(_pad_to(a, 1, sp), 0, nb) for a in (q, k, v))
+    lens = jnp.pad(kv_lengths, (0, qp.shape[0] - b), constant_values=length)
+    spec = P(_axis(batch_ax) if batch_ax else None, _axis(seq_ax) if seq_ax else None,
+             _axis(head_ax) if head_ax else None, None)
+    lspec = P(spec[0])
+
+    if mode is None:
+        body = kernel
+    elif mode == "ulysses":
+        body = functools.partial(_ulysses, kernel=kernel, axis=_axis(seq_ax))
+    else:
+        bq, bk = (block_q, block_kv) if impl == "chunked" else (qp.shape[1] // sp, qp.shape[1] // sp)
+        body = functools.partial(_ring, axis=_axis(seq_ax), sp=sp, block_q=bq, block_kv=bk)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, lspec), out_specs=spec,
+                        check_vma=impl != "splash")(qp, kp, vp, lens)
+    return out[:b, :length]
+
+
+def _ulysses(q, k, v, kv_lengths, *, kernel, axis):
+    """``[B, L/sp, n, K]`` -> all-to-all -> ``[B, L, n/sp, K]`` -> kernel -> back."""
+    to_heads = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
+    out = kernel(to_heads(q), to_heads(k), to_heads(v), kv_lengths)
+    return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _ring(q, k, v, kv_lengths, *, axis, sp, block_q, block_kv):
+    """Ring attention: the local queries meet every K/V block as the blocks travel around the ring."""
+    idx = jax.lax.axis_index(axis)
+    lk = k.shape[1]
+    perm = [(i, (i + 1) % sp) for i in range(sp)]
+    state = _init_state(q)
+
+    def fold(state, kv, step):
+        src = (idx - step) % sp                     # the device this K/V block started on
+        return _flash_update(q, kv[0], kv[1], src * lk, kv_lengths, state, block_q, block_kv)
+
+    def body(carry, step):
+        state, kv = carry
+        nxt = jax.lax.ppermute(kv, axis, perm)      # independent of this step's compute: can overlap
+        return (fold(state, kv, step), nxt), None
+
+    (state, kv), _ = jax.lax.scan(body, (state, (k, v)), jnp.arange(sp - 1))
+    state = fold(state, kv, sp - 1)
+    return _finish(state, q.dtype)
+
+
+# ------------------------------------------------------------------------------------------- chunked
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -53,9 +268,33 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv"))
-def chunked_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int = 512):
-    """Online-softmax attention over key blocks, one query block at a time. Scores in fp32."""
+def _init_state(q):
+    """Online-softmax state ``(m, l, acc)``: running max, sum ``[B, N, Lq]`` and numerator ``[B, N, Lq, K]``."""
+    b, lq, n, d = q.shape
+    state = (jnp.full((b, n, lq), _NEG, jnp.float32), jnp.zeros((b, n, lq), jnp.float32),
+             jnp.zeros((b, n, lq, d), jnp.float32))
+    vary = _varying_axes(q)                            # inside shard_map: vary like q (scan carry types)
+    return tuple(jax.lax.pcast(s, vary, to="varying") for s in state) if vary else state
+
+
+def _varying_axes(x) -> tuple[str, ...]:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return tuple(sorted(mat.varying)) if mat is not None else tuple(sorted(getattr(aval, "vma", ())))
+
+
+def _finish(state, dtype):
+    _, l, acc = state
+    out = acc / jnp.maximum(l, 1e-30)[..., None]                       # [B, N, Lq, K]
+    return out.transpose(0, 2, 1, 3).astype(dtype)
+
+
+def _flash_update(q, k, v, key_offset, kv_lengths, state, block_q: int, block_kv: int):
+    """Fold keys ``k, v [B, Lk, N, K]`` at global positions ``key_offset + [0, Lk)`` into ``state``.
+
+    Keys at positions ``>= kv_lengths[b]`` are masked. Query blocks are mapped (``lax.map``), key blocks scanned
+    with a rematerialised step, so memory is ``O(block_q * block_kv)`` per head beyond the state.
+    """
     b, lq, n, d = q.shape
     lk = k.shape[1]
     bq, bk = min(block_q, lq), min(block_kv, lk)
@@ -65,13 +304,20 @@ def chunked_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int 
     qb = qp.reshape(b, nq, bq, n, d).transpose(1, 0, 3, 2, 4)          # [nq, B, N, bq, K]
     kb = kp.reshape(b, nk, bk, n, d).transpose(1, 0, 3, 2, 4)          # [nk, B, N, bk, K]
     vb = vp.reshape(b, nk, bk, n, d).transpose(1, 0, 3, 2, 4)
+    m0, l0, a0 = (_pad_to(s, 2, bq) for s in state)
+    m0 = m0.reshape(b, n, nq, bq).transpose(2, 0, 1, 3)                # [nq, B, N, bq]
+    l0 = l0.reshape(b, n, nq, bq).transpose(2, 0, 1, 3)
+    a0 = a0.reshape(b, n, nq, bq, d).transpose(2, 0, 1, 3, 4)          # [nq, B, N, bq, K]
 
-    def q_block(qi):
+    def q_block(args):
+        qi, init = args[0], args[1:]
+
         def step(carry, inp):
             m, l, acc = carry
             kj, vj, j = inp
             s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32) * scale
-            valid = (j * bk + jnp.arange(bk))[None, :] < kv_lengths[:, None]            # [B, bk]
+            local = j * bk + jnp.arange(bk)
+            valid = (local < lk)[None, :] & ((key_offset + local)[None, :] < kv_lengths[:, None])   # [B, bk]
             valid = valid[:, None, None, :]
             s = jnp.where(valid, s, _NEG)
             m_new = jnp.maximum(m, s.max(axis=-1))
@@ -83,17 +329,67 @@ def chunked_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int 
             )
             return (m_new, l, acc), None
 
-        init = (
-            jnp.full((b, n, bq), _NEG, jnp.float32),
-            jnp.zeros((b, n, bq), jnp.float32),
-            jnp.zeros((b, n, bq, d), jnp.float32),
-        )
-        (m, l, acc), _ = jax.lax.scan(jax.checkpoint(step), init, (kb, vb, jnp.arange(nk)))
-        return (acc / jnp.maximum(l, 1e-30)[..., None]).astype(q.dtype)
+        out, _ = jax.lax.scan(jax.checkpoint(step), init, (kb, vb, jnp.arange(nk)))
+        return out
 
-    out = jax.lax.map(q_block, qb)                                      # [nq, B, N, bq, K]
-    out = out.transpose(1, 0, 3, 2, 4).reshape(b, nq * bq, n, d)
-    return out[:, :lq]
+    m, l, acc = jax.lax.map(q_block, (qb, m0, l0, a0))
+    m = m.transpose(1, 2, 0, 3).reshape(b, n, nq * bq)[:, :, :lq]
+    l = l.transpose(1, 2, 0, 3).reshape(b, n, nq * bq)[:, :, :lq]
+    acc = acc.transpose(1, 2, 0, 3, 4).reshape(b, n, nq * bq, d)[:, :, :lq]
+    return m, l, acc
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv"))
+def chunked_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int = 512):
+    """Online-softmax attention over key blocks, one query block at a time. Scores in fp32."""
+    state = _flash_update(q, k, v, 0, kv_lengths.astype(jnp.int32), _init_state(q), block_q, block_kv)
+    return _finish(state, q.dtype)
+
+
+# ------------------------------------------------------------------------------------------- splash
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(length: int, heads: int, bq: int, bk: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.FullMask((length, length))] * heads)
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    with jax.ensure_compile_time_eval():           # concrete mask tables: safe to cache across traces
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int = 512, interpret: bool = False):
+    """Pallas TPU splash attention with segment ids: queries and keys ``< kv_lengths[b]`` form segment 0, the
+    padded tail segment 1 (the original's two varlen segments). Valid rows equal ``xla``/``chunked``; padded rows
+    attend only within the padding (finite). Sequences are padded to the block size (a multiple of 128); those
+    extra tokens form segment 2 and are dropped."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if not interpret and jax.default_backend() != "tpu":
+        raise ValueError(f"splash attention is a TPU kernel (backend is {jax.default_backend()!r}); use "
+                         "attention 'chunked'/'xla'/'cudnn' here, or interpret=True for testing")
+    b, length, n, d = q.shape
+    lane = 128
+    bq = min(_round_up(block_q, lane), _round_up(length, lane))
+    bk = min(_round_up(block_kv, lane), _round_up(length, lane))
+    lp = _round_up(length, math.lcm(bq, bk))
+    scale = d ** -0.5
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qh, kh, vh = (_pad_to(a, 1, lp).transpose(0, 2, 1, 3) for a in (qs, k, v))        # [B, N, Lp, K]
+    pos = jnp.arange(lp)[None, :]
+    seg = jnp.where(pos >= length, 2, (pos >= kv_lengths.astype(jnp.int32)[:, None]).astype(jnp.int32))
+    kernel = _splash_kernel(lp, n, bq, bk, bool(interpret))
+    out = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=sa.SegmentIds(s, s)))(qh, kh, vh, seg)
+    return out.transpose(0, 2, 1, 3)[:, :length].astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------- refiner
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -104,3 +400,4 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(mask, p, 0.0)
     return jnp.einsum("bnqk,bknd->bqnd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -256,7 +256,30 @@ class MeshConfig:
     fsdp: int = -1
     sequence: int = 1
     tensor: int = 1
-    sequence_parallel: str = "ulysses"   # ulysses | ring
+    sequence_parallel: str = "ulysses"   # ulysses | ring | auto (ulysses when the heads allow it, else ring)
+    rules: str = "default"               # logical-axis rule set (hcjax.sharding.RULE_SETS)
+
+    AXES: typing.ClassVar[tuple[str, ...]] = ("data", "fsdp", "sequence", "tensor")
+    SEQUENCE_PARALLEL: typing.ClassVar[tuple[str, ...]] = ("ulysses", "ring", "auto")
+    RULE_SETS: typing.ClassVar[tuple[str, ...]] = ("default", "fsdp_only", "replicated")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in self.AXES)
+
+    def validate(self, where: str = "mesh") -> None:
+        """Checks that need no devices or model (those are in ``hcjax.sharding.check_mesh``)."""
+        for a in self.AXES:
+            v = getattr(self, a)
+            if v == 0 or v < -1:
+                raise ConfigError(f"{where}.{a}={v}: mesh degrees are positive integers, or -1 to fill the devices")
+        if sum(v == -1 for v in self.shape) > 1:
+            raise ConfigError(f"{where}: at most one of {self.AXES} may be -1 (got {dict(zip(self.AXES, self.shape))})")
+        if self.sequence_parallel not in self.SEQUENCE_PARALLEL:
+            raise ConfigError(f"{where}.sequence_parallel={self.sequence_parallel!r}; expected one of "
+                              f"{self.SEQUENCE_PARALLEL}")
+        if self.rules not in self.RULE_SETS:
+            raise ConfigError(f"{where}.rules={self.rules!r}; expected one of {self.RULE_SETS}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,201 @@
+"""AOT compile time and per-device memory of the full-size 13B DiT on fake CPU meshes (nothing allocated).
+
+    python benchmarks/aot_memory.py                       # both cases, each in its own subprocess
+    python benchmarks/aot_memory.py --case infer          # 720x1280x129 forward, 8 devices (sequence=8), bf16
+    python benchmarks/aot_memory.py --case train          # 544x960x129 train step, 64 devices (fsdp=8 x sequence=8)
+
+* ``infer``: the DiT forward of one denoising step at 720x1280, 129 frames (33 latent frames, 45x80 patches:
+  122 400 video+reference tokens) + 831 text tokens, CFG batch 2, bf16 parameters and activations, Ulysses over
+  ``sequence=8`` (24 heads / 8), chunked attention; parameters sharded over the sequence devices (default rules).
+* ``train``: ``jax.grad`` of a flow-matching MSE through the DiT (fp32 master weights, bf16 compute, ``remat=full``
+  per block) + ``optax.adamw`` update, batch 8 at 544x960x129 (67 320 video + 2 040 reference + 831 text tokens),
+  ``fsdp=8 x sequence=8`` (Ulysses), params and optimizer state donated.
+
+Everything is ``jax.ShapeDtypeStruct`` with shardings; ``jit(...).lower(...).compile()`` then
+``compiled.memory_analysis()`` (per device: the partitioned SPMD program). Each case runs in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``. Goals (issue 5): forward <= 30 GB/device, train step
+<= 95 GB/device, compile < 120 s each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = {"infer": 8, "train": 64}
+DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp, sequence, tensor)
+GB = 1e9
+
+
+def _child(case: str, attention: str, block: int, remat: str, text_len: int, mesh_shape, sp_mode: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from hcjax import dit
+    from hcjax import sharding as S
+    from hcjax.config import MeshConfig, preset
+
+    base = preset("hunyuancustom_720p").dit
+    if case == "infer":
+        cfg = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16", attention=attention,
+                                  attention_block_q=block, attention_block_kv=block)
+        batch, frames, height, width = 2, 129, 720, 1280
+    else:
+        cfg = dataclasses.replace(base, dtype="bfloat16", param_dtype="float32", attention=attention,
+                                  attention_block_q=block, attention_block_kv=block, remat=remat)
+        batch, frames, height, width = 8, 129, 544, 960
+    mesh_cfg = MeshConfig(*(mesh_shape or DEFAULT_MESH[case]), sequence_parallel=sp_mode)
+    mesh = S.make_mesh(mesh_cfg, cfg)
+    lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
+    n_tokens = (lt + 1) * (lh // 2) * (lw // 2) + text_len
+    print(f"[{case}] {len(jax.devices())} fake CPU devices, mesh {dict(mesh.shape)}; latent {lt}x{lh}x{lw}, "
+          f"batch {batch}, tokens {n_tokens} (incl. reference + {text_len} text); attention {cfg.attention} "
+          f"(blocks {block}), params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}", flush=True)
+
+    def sds(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=S.input_sharding(mesh, shape))
+
+    act = jnp.dtype(cfg.dtype)
+    inputs = (sds((batch, lt, lh, lw, cfg.in_channels), act), sds((batch,)),
+              sds((batch, text_len, cfg.text_states_dim), act), sds((batch, text_len), jnp.int32),
+              sds((batch, cfg.text_states_dim_2), act), sds((batch, 1, lh, lw, cfg.in_channels), act))
+    t0 = time.perf_counter()
+    params = S.abstract_sharded_params(cfg, mesh)
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    param_dev = sum(math.prod(p.sharding.shard_shape(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
+    print(f"[{case}] abstract params: {n_params / 1e9:.2f} B, {param_dev / GB:.2f} GB per device "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def forward(p, x, t, text, mask, pooled, ref):
+        return dit.HunyuanDiT(cfg).apply({"params": p}, x, t, text, mask, pooled, ref_latents=ref)
+
+    extra = {}
+    if case == "infer":
+        fn, args = jax.jit(forward), (params, *inputs)
+    else:
+        tx = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=0.01)
+        opt = _sharded_opt_state(jax.eval_shape(tx.init, params), params)
+        target = sds((batch, lt, lh, lw, cfg.out_channels))
+        opt_dev = sum(math.prod(o.shape) * o.dtype.itemsize // _ways(o) for o in jax.tree.leaves(opt))
+        extra["optimizer state per device"] = opt_dev
+
+        def train_step(p, o, x, t, text, mask, pooled, ref, y):
+            def loss_fn(p):
+                out = forward(p, x, t, text, mask, pooled, ref)
+                return jnp.mean(jnp.square(out - y))
+
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, o = tx.update(grads, o, p)
+            return optax.apply_updates(p, updates), o, loss
+
+        shard = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+        fn = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(shard(params), shard(opt), None))
+        args = (params, opt, *inputs, target)
+
+    with S.use_mesh(mesh, mesh_cfg):
+        t0 = time.perf_counter()
+        lowered = fn.lower(*args)
+        t_lower = time.perf_counter() - t0
+        print(f"[{case}] lowered in {t_lower:.1f} s; compiling ...", flush=True)
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        t_compile = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "host_temp_size_in_bytes", "peak_memory_in_bytes")
+    stats = {f: getattr(mem, f, None) for f in fields}
+    total = (stats["argument_size_in_bytes"] + stats["output_size_in_bytes"] - stats["alias_size_in_bytes"]
+             + stats["temp_size_in_bytes"])
+    print(f"[{case}] lower {t_lower:.1f} s, compile {t_compile:.1f} s")
+    print(f"[{case}] per-device memory (compiled.memory_analysis()):")
+    for f, v in stats.items():
+        if v is not None:
+            print(f"    {f:32s} {v / GB:9.3f} GB")
+    print(f"    {'args + outputs - aliased + temp':32s} {total / GB:9.3f} GB")
+    print(f"    {'(params per device)':32s} {param_dev / GB:9.3f} GB")
+    for k, v in extra.items():
+        print(f"    ({k}) {v / GB:.3f} GB")
+    text = compiled.as_text()
+    colls = {c: text.count(f" {c}(") + text.count(f" {c}-start(") for c in
+             ("all-gather", "all-to-all", "reduce-scatter", "all-reduce", "collective-permute")}
+    print(f"[{case}] collectives in the partitioned HLO (static count): {colls}")
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and "flops" in cost:
+            print(f"[{case}] XLA cost analysis: {cost['flops'] / 1e12:.1f} TFLOP per device (loop bodies counted once)")
+    except Exception as e:  # noqa: BLE001 - informational only
+        print(f"[{case}] cost analysis unavailable: {e}")
+    del nn
+
+
+def _ways(a) -> int:
+    shard = a.sharding.shard_shape(a.shape)
+    return max(1, math.prod(a.shape) // max(1, math.prod(shard)))
+
+
+def _sharded_opt_state(abstract_opt, params):
+    """Give optimizer-state leaves the sharding of the parameter they mirror (matched by path suffix)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(params)}
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+
+    def place(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for k, p in by_path.items():
+            if key.endswith(k) and p.shape == leaf.shape:
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=p.sharding)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree_util.tree_map_with_path(place, abstract_opt)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--attention", default="chunked", choices=["chunked", "xla"])
+    ap.add_argument("--block", type=int, default=1024, help="chunked attention block (q and kv)")
+    ap.add_argument("--remat", default="full", help="train: remat policy of the scanned blocks")
+    ap.add_argument("--text-len", type=int, default=831)
+    ap.add_argument("--mesh", type=int, nargs=4, metavar=("DATA", "FSDP", "SEQ", "TENSOR"),
+                    help="mesh degrees (product = the case's device count); default infer 1 1 8 1, train 1 8 8 1")
+    ap.add_argument("--sequence-parallel", default="ulysses", choices=["ulysses", "ring", "auto"])
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args.case, args.attention, args.block, args.remat, args.text_len, args.mesh, args.sequence_parallel)
+        return 0
+    status = 0
+    for case in (CASES if args.case == "all" else [args.case]):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                              f" --xla_force_host_platform_device_count={CASES[case]}").strip())
+        cmd = [sys.executable, __file__, "--child", "--case", case, "--attention", args.attention,
+               "--block", str(args.block), "--remat", args.remat, "--text-len", str(args.text_len),
+               "--sequence-parallel", args.sequence_parallel] + (["--mesh", *map(str, args.mesh)] if args.mesh else [])
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            print(f"[{case}] did not finish within {args.timeout:.0f} s")
+            rc = 124
+        print(f"[{case}] subprocess exit {rc} after {time.perf_counter() - t0:.0f} s wall", flush=True)
+        status = status or rc
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

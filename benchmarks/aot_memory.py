@@ -34,9 +34,9 @@ DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp
 GB = 1e9
 
 
-def _child(case: str, attention: str, block: int, remat: str, text_len: int, mesh_shape, sp_mode: str) -> None:
+def _child(case: str, attention: str, block: int, remat: str, text_len: int, mesh_shape, sp_mode: str,
+           preset_name: str) -> None:
     sys.path.insert(0, str(ROOT))
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
@@ -45,7 +45,7 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
     from hcjax import sharding as S
     from hcjax.config import MeshConfig, preset
 
-    base = preset("hunyuancustom_720p").dit
+    base = preset(preset_name).dit
     if case == "infer":
         cfg = dataclasses.replace(base, dtype="bfloat16", param_dtype="bfloat16", attention=attention,
                                   attention_block_q=block, attention_block_kv=block)
@@ -76,12 +76,20 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
     print(f"[{case}] abstract params: {n_params / 1e9:.2f} B, {param_dev / GB:.2f} GB per device "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    def forward(p, x, t, text, mask, pooled, ref):
-        return dit.HunyuanDiT(cfg).apply({"params": p}, x, t, text, mask, pooled, ref_latents=ref)
+    cond = {}
+    if cfg.audio_condition:
+        from hcjax.conditioning.audio import audio_feature_shape
+
+        cond["audio_features"] = sds(audio_feature_shape(cfg, batch, lt), act)
+    if cfg.video_condition:
+        cond["bg_latents"] = sds((batch, lt, lh, lw, cfg.bg_in_channels), act)
+
+    def forward(p, x, t, text, mask, pooled, ref, cond):
+        return dit.HunyuanDiT(cfg).apply({"params": p}, x, t, text, mask, pooled, ref_latents=ref, **cond)
 
     extra = {}
     if case == "infer":
-        fn, args = jax.jit(forward), (params, *inputs)
+        fn, args = jax.jit(forward), (params, *inputs, cond)
     else:
         tx = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=0.01)
         opt = _sharded_opt_state(jax.eval_shape(tx.init, params), params)
@@ -89,9 +97,9 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
         opt_dev = sum(math.prod(o.shape) * o.dtype.itemsize // _ways(o) for o in jax.tree.leaves(opt))
         extra["optimizer state per device"] = opt_dev
 
-        def train_step(p, o, x, t, text, mask, pooled, ref, y):
+        def train_step(p, o, x, t, text, mask, pooled, ref, cond, y):
             def loss_fn(p):
-                out = forward(p, x, t, text, mask, pooled, ref)
+                out = forward(p, x, t, text, mask, pooled, ref, cond)
                 return jnp.mean(jnp.square(out - y))
 
             loss, grads = jax.value_and_grad(loss_fn)(p)
@@ -100,7 +108,7 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
 
         shard = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
         fn = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(shard(params), shard(opt), None))
-        args = (params, opt, *inputs, target)
+        args = (params, opt, *inputs, cond, target)
 
     with S.use_mesh(mesh, mesh_cfg):
         t0 = time.perf_counter()
@@ -129,6 +137,9 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
     colls = {c: text.count(f" {c}(") + text.count(f" {c}-start(") for c in
              ("all-gather", "all-to-all", "reduce-scatter", "all-reduce", "collective-permute")}
     print(f"[{case}] collectives in the partitioned HLO (static count): {colls}")
+    big = _large_gathers(text, threshold=n_tokens * cfg.hidden_size // 2)
+    print(f"[{case}] all-gathers with outputs >= half a full [tokens, hidden] activation: "
+          f"{big if big else 'none'}")
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -136,7 +147,17 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
             print(f"[{case}] XLA cost analysis: {cost['flops'] / 1e12:.1f} TFLOP per device (loop bodies counted once)")
     except Exception as e:  # noqa: BLE001 - informational only
         print(f"[{case}] cost analysis unavailable: {e}")
-    del nn
+
+
+def _large_gathers(hlo: str, threshold: int) -> list[str]:
+    import re
+
+    out = []
+    for m in re.finditer(r"= (\w+)\[([0-9,]+)\][^ ]* all-gather(?:-start)?\(", hlo):
+        n = math.prod(int(d) for d in m.group(2).split(","))
+        if n >= threshold:
+            out.append(f"{m.group(1)}[{m.group(2)}]")
+    return out
 
 
 def _ways(a) -> int:
@@ -172,11 +193,14 @@ def main() -> int:
     ap.add_argument("--mesh", type=int, nargs=4, metavar=("DATA", "FSDP", "SEQ", "TENSOR"),
                     help="mesh degrees (product = the case's device count); default infer 1 1 8 1, train 1 8 8 1")
     ap.add_argument("--sequence-parallel", default="ulysses", choices=["ulysses", "ring", "auto"])
+    ap.add_argument("--preset", default="hunyuancustom_720p",
+                    help="configs/<preset>.yaml (e.g. hunyuancustom_720p_audio: audio features are added)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(args.case, args.attention, args.block, args.remat, args.text_len, args.mesh, args.sequence_parallel)
+        _child(args.case, args.attention, args.block, args.remat, args.text_len, args.mesh, args.sequence_parallel,
+               args.preset)
         return 0
     status = 0
     for case in (CASES if args.case == "all" else [args.case]):
@@ -185,7 +209,8 @@ def main() -> int:
                               f" --xla_force_host_platform_device_count={CASES[case]}").strip())
         cmd = [sys.executable, __file__, "--child", "--case", case, "--attention", args.attention,
                "--block", str(args.block), "--remat", args.remat, "--text-len", str(args.text_len),
-               "--sequence-parallel", args.sequence_parallel] + (["--mesh", *map(str, args.mesh)] if args.mesh else [])
+               "--sequence-parallel", args.sequence_parallel, "--preset", args.preset]
+        cmd += ["--mesh", *map(str, args.mesh)] if args.mesh else []
         t0 = time.perf_counter()
         try:
             rc = subprocess.run(cmd, env=env, timeout=args.timeout).returncode

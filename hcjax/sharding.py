@@ -188,6 +188,12 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
+def _unbox(tree):
+    """Strip the boxes without Flax's implicit sharding constraint (which would ignore the dropped axes of
+    ``_fit`` and fail under an active mesh)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box)
+
+
 def _boxed(like):
     if isinstance(like, DiTConfig):
         from .dit import abstract_params
@@ -200,7 +206,7 @@ def logical_to_shardings(boxed, mesh, rules=None):
     """Tree of boxed (``nn.Partitioned``) leaves -> tree of ``NamedSharding`` (unboxed structure)."""
     def one(x):
         names = x.names if _is_box(x) else ()
-        value = x.unbox() if _is_box(x) else x
+        value = x.unbox(apply_constraint=False) if _is_box(x) else x
         return NamedSharding(mesh, mesh_spec(names, value.shape, mesh, rules))
 
     return jax.tree.map(one, boxed, is_leaf=_is_box)
@@ -218,7 +224,7 @@ def shard_params(params, mesh, like=None, rules=None):
     if boxed is None:
         raise ValueError("shard_params: params carry no logical axis names; pass like=<DiTConfig or boxed tree>")
     shardings = logical_to_shardings(boxed, mesh, rules)
-    values = nn.unbox(params)
+    values = _unbox(params)
     if jax.tree.structure(values) != jax.tree.structure(shardings):
         raise ValueError("shard_params: the parameter tree does not match the tree of logical names")
     return jax.device_put(values, shardings)
@@ -228,7 +234,7 @@ def abstract_sharded_params(cfg: DiTConfig, mesh, rules=None, dtype=None):
     """``ShapeDtypeStruct`` tree of the DiT parameters with their shardings (nothing allocated)."""
     boxed = _boxed(cfg)
     shardings = logical_to_shardings(boxed, mesh, rules)
-    values = nn.unbox(boxed)
+    values = _unbox(boxed)
     return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype or v.dtype, sharding=s), values, shardings)
 
 

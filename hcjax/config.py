@@ -298,6 +298,9 @@ class Config:
             sub = getattr(self, f.name)
             if hasattr(sub, "validate"):
                 sub.validate(f.name)
+        from .sharding import check_mesh  # mesh vs DiT heads / kernel, device-count independent
+
+        check_mesh(self.mesh, self.dit)
         return self
 
 

@@ -80,3 +80,11 @@ def test_bad_shapes_raise_value_errors(tiny):
         _call(cfg, params, x, t, text, mask, pooled, guidance=t)
     with pytest.raises(ValueError, match="video_condition=False"):
         _call(cfg, params, x, t, text, mask, pooled, bg_latents=jnp.zeros((1, 1, 4, 4, 8)))
+
+
+def test_mesh_checked_at_config_load():
+    with pytest.raises(ConfigError, match="mesh.tensor=5 must divide the 24 attention heads"):
+        load_config(ROOT / "configs/hunyuancustom_720p.yaml", ["mesh.tensor=5"])
+    with pytest.raises(ConfigError, match="fits neither Ulysses nor ring"):
+        load_config(ROOT / "configs/hunyuancustom_720p.yaml", ["mesh.sequence=16", "dit.attention=splash"])
+    assert load_config(ROOT / "configs/hunyuancustom_720p.yaml", ["mesh.sequence=8"]).mesh.sequence == 8

@@ -122,6 +122,20 @@ class VAEConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 raise ConfigError(f"{where}.{f}={getattr(self, f)!r}; expected one of {DTYPES}")
+        n = len(self.block_out_channels)
+        if self.time_compression_ratio != 4:
+            raise ConfigError(f"{where}.time_compression_ratio={self.time_compression_ratio}; only 4 is supported")
+        if n < 3 or self.spatial_compression_ratio != 2 ** (n - 1):
+            raise ConfigError(f"{where}.spatial_compression_ratio={self.spatial_compression_ratio} must be "
+                              f"2**(len(block_out_channels)-1) with at least 3 blocks; got {n} blocks")
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups:
+                raise ConfigError(f"{where}.block_out_channels entry {ch} is not divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+        if self.sample_size % self.spatial_compression_ratio or self.sample_tsize % self.time_compression_ratio:
+            raise ConfigError(f"{where}: sample_size={self.sample_size} must be a multiple of "
+                              f"{self.spatial_compression_ratio} and sample_tsize={self.sample_tsize} of "
+                              f"{self.time_compression_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)

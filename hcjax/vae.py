@@ -103,16 +103,14 @@ class Conv(nn.Module):
 
 
 def _replicate_pad(x, axis: int, before: int, after: int, valid=None):
-    """Replicate-pad ``axis``; with a traced ``valid`` extent the pad repeats element ``valid-1`` instead
-    of the last array element (so a padded tile behaves like the unpadded one inside its valid prefix)."""
+    """Replicate-pad ``axis`` by gathering clamped indices (cheaper to compile and run on CPU than
+    ``jnp.pad(mode="edge")``). With a traced ``valid`` extent the pad repeats element ``valid-1`` instead of
+    the last array element, so a padded tile behaves like the unpadded one inside its valid prefix."""
     if before == 0 and after == 0:
         return x
     n = x.shape[axis]
-    if valid is None:
-        pads = [(0, 0)] * x.ndim
-        pads[axis] = (before, after)
-        return jnp.pad(x, pads, mode="edge")
-    idx = jnp.clip(jnp.arange(-before, n + after), 0, valid - 1)
+    last = n - 1 if valid is None else valid - 1
+    idx = jnp.clip(jnp.arange(-before, n + after), 0, last)
     return jnp.take(x, idx, axis=axis, mode="clip")
 
 
@@ -160,18 +158,24 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups")
         scale = self.param("scale", _logical(nn.initializers.ones, ("conv_out",)), (c,), _dt(self.param_dtype))
         bias = self.param("bias", _logical(nn.initializers.zeros, ("conv_out",)), (c,), _dt(self.param_dtype))
-        xf = x.astype(jnp.float32).reshape(b, t, h, w, g, c // g)
-        axes = (1, 2, 3, 5)
+        # Per-channel sums over (T, H, W) then per-group sums: simple reductions over leading axes (much
+        # cheaper to compile and run on CPU than a 6-D reshape reduced over non-adjacent axes).
+        xf = x.astype(jnp.float32)
         m = _valid_mask((t, h, w), valid)
         if m is None:
-            mean = jnp.mean(xf, axis=axes, keepdims=True)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+            count = float(t * h * w * (c // g))
         else:
-            m = m[None, :, :, :, None, None]
+            m = m[None, :, :, :, None]
             count = (valid[0] * valid[1] * valid[2] * (c // g)).astype(jnp.float32)
-            mean = jnp.sum(xf * m, axis=axes, keepdims=True) / count
-            var = jnp.sum(jnp.square((xf - mean) * m), axis=axes, keepdims=True) / count
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, t, h, w, c)
+
+        def group_mean(v):                           # [B, T, H, W, C] -> per-channel [B, 1, 1, 1, C]
+            if m is not None:
+                v = v * m
+            per_group = jnp.sum(v, axis=(1, 2, 3)).reshape(b, g, c // g).sum(-1) / count
+            return jnp.repeat(per_group, c // g, axis=-1)[:, None, None, None, :]
+
+        d = xf - group_mean(xf)
+        y = d * jax.lax.rsqrt(group_mean(jnp.square(d)) + self.eps)
         return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
@@ -442,10 +446,12 @@ def count_params(tree) -> int:
 
 
 def _unwrap(params):
+    """Accept ``{"params": tree}`` or the tree, boxed or not; numpy leaves go to the device once here (so a
+    tiled call does not re-send host weights for every tile). Pass device arrays to avoid even that copy."""
     params = nn.unbox(params)
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
-    return params
+    return jax.tree.map(jnp.asarray, params)
 
 
 # ----------------------------------------------------------------------------------------------- input checks

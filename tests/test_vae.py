@@ -27,6 +27,15 @@ TOL = 1e-4
 FULL_PARAMS = 246_478_803
 
 
+@pytest.fixture(autouse=True)
+def _torch_one_thread():
+    """The tiny torch reference runs much faster single-threaded (OpenMP spin-waits on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def to_torch(x):
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
 
@@ -128,10 +137,10 @@ def test_tiled_encode_matches_diffusers(tiny):
 
 
 def test_tiled_decode_matches_diffusers(tiny):
-    """7 latent frames at 6x5 with tiles of 5 frames / 4 latent px: temporal tiles at 0, 3 (+ a 1-frame tile
-    at 6), rows and columns at 0, 3. Measured ~7e-6."""
+    """6 latent frames at 6x5 with tiles of 5 frames / 4 latent px: temporal tiles at 0, 3, rows and columns
+    at 0, 3 (2 tiles along each axis, smaller ones at the ends). Measured ~7e-6."""
     cfg, model, params, _ = tiny
-    z = np.random.default_rng(2).standard_normal((1, 7, 6, 5, cfg.latent_channels)).astype(np.float32)
+    z = np.random.default_rng(2).standard_normal((1, 6, 6, 5, cfg.latent_channels)).astype(np.float32)
     fn = vae.tile_fn(cfg, "decode")
     ours = vae.decode_latents(params, cfg, z * cfg.scaling_factor, tiled=True, clip=False)
     assert fn._cache_size() == 1
@@ -250,6 +259,25 @@ def test_check_names_the_bad_key(manifests, edit):
         shapes[key] = [256, 512, 3, 3, 3]
     with pytest.raises(ConversionError, match=key.replace(".", r"\.")):
         conv.check(shapes, cfg, "diffusers")
+
+
+def test_tiling_constants_match_the_original():
+    """Spec 4.5 at full size: encode tiles 256 px / stride 192 / blend 8 latent / crop 24, 64(+1) frames / stride
+    48 / blend 4 / keep 12; decode 32 latent / stride 24 / blend 64 px / crop 192, 16(+1) / 12 / 16 / 48."""
+    k = vae.tiling_constants(preset("hunyuancustom_720p").vae)
+    assert (k["tile_px"], k["enc_stride_px"], k["enc_blend_lat"], k["enc_limit_lat"]) == (256, 192, 8, 24)
+    assert (k["tile_fr"], k["enc_stride_fr"], k["enc_blend_lat_t"], k["enc_limit_lat_t"]) == (64, 48, 4, 12)
+    assert (k["tile_lat"], k["dec_stride_lat"], k["dec_blend_px"], k["dec_limit_px"]) == (32, 24, 64, 192)
+    assert (k["tile_lat_t"], k["dec_stride_lat_t"], k["dec_blend_fr"], k["dec_limit_fr"]) == (16, 12, 16, 48)
+
+
+def test_bad_vae_configs():
+    with pytest.raises(ValueError, match="norm_num_groups=3"):
+        preset("tiny", ["vae.norm_num_groups=3"])
+    with pytest.raises(ValueError, match="time_compression_ratio"):
+        preset("tiny", ["vae.time_compression_ratio=8"])
+    with pytest.raises(ValueError, match="do not tile the output"):  # 8-frame tiles: 0.75 * 2 latent frames
+        vae.tiling_constants(preset("tiny", ["vae.sample_tsize=8"]).vae)
 
 
 # --------------------------------------------------------------------------------------------- conversion

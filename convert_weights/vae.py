@@ -79,7 +79,8 @@ def rules(cfg: Config | VAEConfig) -> list[Rule]:
             cin = prev if j == 0 else ch
             rows += _resnet(f"encoder/down_blocks_{i}/resnets_{j}", f"encoder.down_blocks.{i}.resnets.{j}", cin, ch)
         if ft > 1 or fs > 1:
-            rows += _conv(f"encoder/down_blocks_{i}/downsamplers_0/conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
+            rows += _conv(f"encoder/down_blocks_{i}/downsamplers_0/conv",
+                          f"encoder.down_blocks.{i}.downsamplers.0.conv")
         prev = ch
     rows += _mid("encoder/mid_block", "encoder.mid_block", boc[-1], c.mid_block_add_attention)
     rows += _norm("encoder/conv_norm_out", "encoder.conv_norm_out") + _conv("encoder/conv_out", "encoder.conv_out")

@@ -106,8 +106,11 @@ def _variant_of(models_dir: Path, variant: str | None) -> str:
     return found[0]
 
 
-def convert_original(models_dir: Path, variant: str | None = None, dtype: str = "bfloat16") -> Path:
-    """Convert an original ``models/`` download into an hcjax bundle ``models/.hcjax/<variant>`` (once)."""
+def convert_original(models_dir: Path, variant: str | None = None, dtype: str = "bfloat16",
+                     cfg: Config | None = None) -> Path:
+    """Convert an original ``models/`` download into an hcjax bundle ``models/.hcjax/<variant>`` (once).
+
+    ``cfg`` defaults to the released preset of the detected variant."""
     from tqdm import tqdm
 
     from convert_weights import clip as cclip
@@ -124,7 +127,7 @@ def convert_original(models_dir: Path, variant: str | None = None, dtype: str = 
     out = models_dir / ".hcjax" / variant
     if is_bundle(out):
         return out
-    cfg = load_config(PRESET_DIR / ORIGINAL_PRESET[variant])
+    cfg = cfg or load_config(PRESET_DIR / ORIGINAL_PRESET[variant])
     npdt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[dtype]
     llava_dir = models_dir / "llava-llama-3-8b-v1_1"
     clip_dir = models_dir / "openai_clip-vit-large-patch14"
@@ -140,10 +143,10 @@ def convert_original(models_dir: Path, variant: str | None = None, dtype: str = 
             models_dir / ORIGINAL_DIT[variant] / "mp_rank_00_model_states.pt", "module"), cfg.dit, dtype=npdt)),
         ("vae", lambda: cvae.from_original(read_state_dict(vae_file), cfg, dtype=npdt)),
         ("llava", lambda: cllava.from_hf(read_state_dict(llava_dir), cfg, dtype=npdt)),
-        ("clip", lambda: cclip.from_hf(read_state_dict(clip_dir), cfg, dtype=npdt)),
+        ("clip", lambda: cclip.from_hf(read_state_dict(clip_dir), cfg.clip_text, dtype=npdt)),
     ]
     if variant == "audio":
-        jobs.append(("whisper", lambda: cwhisper.from_hf(read_state_dict(whisper_dir), cfg)))
+        jobs.append(("whisper", lambda: cwhisper.convert(read_state_dict(whisper_dir), cfg)))
     try:
         for name, job in tqdm(jobs, desc=f"converting {models_dir} ({variant})", unit="component"):
             save_params(tmp / name, job(), cfg)

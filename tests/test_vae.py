@@ -124,6 +124,7 @@ def test_tiled_encode_matches_diffusers(tiny):
     k = vae.tiling_constants(cfg)
     assert (k["enc_stride_px"], k["enc_blend_lat"], k["enc_stride_fr"], k["enc_blend_lat_t"]) == (24, 1, 12, 1)
     x = np.random.default_rng(1).uniform(-1, 1, (1, 25, 40, 48, 3)).astype(np.float32)
+    vae.tile_fn.cache_clear()   # a fresh jitted tile function: count only this call's compilations
     fn = vae.tile_fn(cfg, "moments")
     mean, logvar = vae.encode_posterior(params, cfg, x, tiled=True)
     assert fn._cache_size() == 1  # every tile (incl. smaller border/tail tiles) ran the same compiled function
@@ -142,6 +143,7 @@ def test_tiled_decode_matches_diffusers(tiny):
     at 0, 3 (2 tiles along each axis, smaller ones at the ends). Measured ~7e-6."""
     cfg, model, params, _ = tiny
     z = np.random.default_rng(2).standard_normal((1, 6, 6, 5, cfg.latent_channels)).astype(np.float32)
+    vae.tile_fn.cache_clear()
     fn = vae.tile_fn(cfg, "decode")
     ours = vae.decode_latents(params, cfg, z * cfg.scaling_factor, tiled=True, clip=False)
     assert fn._cache_size() == 1
@@ -161,6 +163,7 @@ def test_tiled_decode_memory_flat_in_length(tiny):
     import tracemalloc
 
     cfg, _, params, _ = tiny
+    vae.tile_fn.cache_clear()
     fn = vae.tile_fn(cfg, "decode")
     tile = np.zeros((1, 5, 4, 4, cfg.latent_channels), np.float32)
     valid = np.array([5, 4, 4], np.int32)

@@ -68,3 +68,128 @@ def _as_struct(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class TrainCheckpoints:
+    """Training checkpoints under ``<workdir>/checkpoints`` with an orbax ``CheckpointManager``.
+
+    Each step directory holds three items: ``state`` (the train-state pytree: ``step``, ``params``,
+    ``opt_state``, optional ``ema``; restored straight into sharded abstract targets), ``data`` (the data
+    iterator state, JSON) and ``config`` (the full hcjax config, JSON). Saves are asynchronous (``wait()`` joins
+    them) and atomic: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a save cut off
+    by a crash never becomes the latest step; leftover temporary dirs are removed when the manager is opened.
+    Only the newest ``keep`` steps are kept. Saving a step that already exists raises instead of overwriting.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, cfg: Config) -> None:
+        """Start saving ``step`` (returns once the arrays are copied off the devices)."""
+        if step in self.manager.all_steps():
+            raise FileExistsError(f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite")
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(to_dict(cfg))), force=True)
+        if not saved:
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+
+    def config_dict(self, step: int) -> dict:
+        """The raw config JSON saved with ``step`` (compare it before restoring the state)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state: Any = None) -> tuple[Any, dict]:
+        """``(state, data_state)`` of ``step``; ``abstract_state`` is a tree of ``ShapeDtypeStruct`` with shardings
+        (restored straight into them); ``None`` restores the saved structure as saved (inspection, tests)."""
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
+        target = None if abstract_state is None else jax.tree.map(_as_struct, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def export_training_params(checkpoints: str | Path, out: str | Path, *, step: int | None = None, ema: bool = True,
+                           overwrite: bool = False) -> Path:
+    """Write the DiT params of a training checkpoint (the EMA params when present and ``ema``) as a converted-weights
+    directory (:func:`save_params`) that ``sample.py --ckpt-dir`` and ``train.init_from`` read."""
+    ck = TrainCheckpoints(checkpoints, read_only=True)
+    try:
+        step = ck.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no training checkpoint in {checkpoints}")
+        state, _ = ck.restore(step)
+        cfg = config_from_json(json.dumps(ck.config_dict(step)))
+    finally:
+        ck.close()
+    params = state["ema"] if ema and "ema" in state else state["params"]
+    return save_params(out, params, cfg, overwrite=overwrite)
+
+
+# DiT fields that only change how the model executes, not its parameters.
+_EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "remat"}
+
+
+def dit_differences(saved_dit: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """``(errors, notes)``: DiT fields that change the parameters vs. fields that only change execution."""
+    errors, notes = [], []
+    for k, v in to_dict(cfg)["dit"].items():
+        old = saved_dit.get(k, "<missing>")
+        if old != v:
+            (notes if k in _EXECUTION_FIELDS else errors).append(f"dit.{k}: checkpoint {old!r}, config {v!r}")
+    return errors, notes
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[str]:
+    """Compare the config saved in a checkpoint with ``cfg`` before resuming.
+
+    Raises :class:`~hcjax.config.ConfigError` naming every field that makes the checkpoint unusable (DiT
+    architecture and parameter dtype, EMA on/off: they change the shapes or the structure of the state). Returns
+    the other differences (learning rate, data, batch, ...) as messages for the log: resuming with them is allowed
+    but the run is then no longer a bitwise continuation.
+    """
+    from .config import ConfigError
+
+    current = to_dict(cfg)
+    errors, notes = dit_differences(saved.get("dit", {}), cfg)
+    old_ema, new_ema = saved.get("train", {}).get("ema_decay", 0.0) > 0, cfg.train.ema_decay > 0
+    if old_ema != new_ema:
+        errors.append(f"train.ema_decay: the checkpoint {'has' if old_ema else 'has no'} EMA params, the config "
+                      f"{'wants' if new_ema else 'does not want'} them")
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k, "<missing>"), b.get(k, "<missing>")
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, f"{prefix}{k}.")
+            elif x != y and not (prefix == "train." and k == "steps"):
+                notes.append(f"{prefix}{k}: checkpoint {x!r}, config {y!r}")
+
+    walk(saved.get("train", {}), current["train"], "train.")
+    if errors:
+        raise ConfigError("cannot resume: the config is incompatible with the checkpoint: " + "; ".join(errors))
+    return notes

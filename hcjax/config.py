@@ -297,6 +297,111 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data (``hcjax.data``): a raw dataset directory (mp4 + per-clip JSON) in ``raw`` mode, or the output
+    of ``python -m hcjax.precompute`` (cached latents and text embeddings) in ``precomputed`` mode."""
+
+    path: str = ""
+    mode: str = "precomputed"          # precomputed | raw
+    num_frames: int = 33               # video frames per sample (4k+1)
+    frame_stride: int = 1              # temporal subsampling of the source video
+    buckets: tuple[tuple[int, int], ...] = ((256, 256),)    # (height, width) in pixels, multiples of 16
+    ref_source: str = "auto"           # auto (the clip's reference image if any, else a frame) | image | frame
+    ref_frame: int = 0                 # frame of the sampled window used as reference (-1: a random frame)
+    workers: int = 0                   # grain worker processes (0: read in the training process)
+    threads: int = 2                   # reading threads per process
+    prefetch: int = 2                  # per-thread read-ahead buffer
+    seed: int = 0                      # shuffling / frame sampling
+    strict: bool = False               # raise on the first bad clip instead of logging and skipping it
+    # encoders (raw mode and hcjax.precompute)
+    vae_weights: str = ""              # hcjax VAE checkpoint dir, or "random" (random weights: tests/demos only)
+    text_encoder: str = "llava"        # llava | hash (deterministic word-hash stand-in without weights: tests/demos)
+    llava_dir: str = ""                # tokenizer + preprocessor dir of llava-llama-3-8b-v1_1
+    clip_dir: str = ""                 # tokenizer dir of openai_clip-vit-large-patch14
+    llava_weights: str = ""            # default: llava_dir
+    clip_weights: str = ""             # default: clip_dir
+    whisper_weights: str = ""          # audio models: hcjax Whisper checkpoint dir
+
+    MODES: typing.ClassVar[tuple[str, ...]] = ("precomputed", "raw")
+    TEXT_ENCODERS: typing.ClassVar[tuple[str, ...]] = ("llava", "hash")
+    REF_SOURCES: typing.ClassVar[tuple[str, ...]] = ("auto", "image", "frame")
+
+    def validate(self, where: str = "train.data") -> None:
+        if self.mode not in self.MODES:
+            raise ConfigError(f"{where}.mode={self.mode!r}; expected one of {self.MODES}")
+        if self.text_encoder not in self.TEXT_ENCODERS:
+            raise ConfigError(f"{where}.text_encoder={self.text_encoder!r}; expected one of {self.TEXT_ENCODERS}")
+        if self.ref_source not in self.REF_SOURCES:
+            raise ConfigError(f"{where}.ref_source={self.ref_source!r}; expected one of {self.REF_SOURCES}")
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ConfigError(f"{where}.num_frames={self.num_frames}: the causal VAE needs 4k+1 frames (1, 5, 9, ...)")
+        if self.frame_stride < 1:
+            raise ConfigError(f"{where}.frame_stride={self.frame_stride} must be >= 1")
+        if not self.buckets:
+            raise ConfigError(f"{where}.buckets is empty; give at least one [height, width]")
+        for hw in self.buckets:
+            if len(hw) != 2 or any(v < 16 or v % 16 for v in hw):
+                raise ConfigError(f"{where}.buckets entry {list(hw)}: expected [height, width], positive multiples "
+                                  "of 16 (VAE 8x and patch 2x)")
+        if not -1 <= self.ref_frame < self.num_frames:
+            raise ConfigError(f"{where}.ref_frame={self.ref_frame} must be in [-1, num_frames)")
+        if self.workers < 0 or self.threads < 1 or self.prefetch < 0:
+            raise ConfigError(f"{where}: need workers >= 0, threads >= 1 and prefetch >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Flow-matching training (``hcjax.training``, ``train.py``)."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 8                # global batch over all hosts; must divide by mesh data * fsdp
+    learning_rate: float = 1e-5
+    lr_schedule: str = "cosine"        # cosine | constant (both after a linear warmup)
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.0          # cosine end value as a fraction of learning_rate
+    weight_decay: float = 0.0          # AdamW decay (kernels and embeddings only)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0             # global-norm clipping (0: off)
+    ema_decay: float = 0.0             # EMA of params (0: off)
+    timestep_sampling: str = "logit_normal"   # logit_normal | uniform
+    flow_shift: float = 1.0            # sigma shift of the training noise levels
+    drop_text: float = 0.1             # condition dropout for CFG: negative-branch text conditioning
+    drop_image: float = 0.0            # white-image reference latents (ip-CFG)
+    drop_audio: float = 0.1            # all-zero audio features
+    init_from: str = ""                # hcjax DiT checkpoint dir (converted weights); "" = random init
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 3                      # checkpoints kept
+    async_save: bool = True
+    data: DataConfig = DataConfig()
+
+    LR_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("cosine", "constant")
+    SAMPLING: typing.ClassVar[tuple[str, ...]] = ("logit_normal", "uniform")
+
+    def validate(self, where: str = "train") -> None:
+        for f in ("steps", "batch_size", "log_every", "save_every", "keep"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)} must be >= 1")
+        if self.learning_rate <= 0 or self.warmup_steps < 0:
+            raise ConfigError(f"{where}: need learning_rate > 0 and warmup_steps >= 0")
+        if self.lr_schedule not in self.LR_SCHEDULES:
+            raise ConfigError(f"{where}.lr_schedule={self.lr_schedule!r}; expected one of {self.LR_SCHEDULES}")
+        if self.timestep_sampling not in self.SAMPLING:
+            raise ConfigError(f"{where}.timestep_sampling={self.timestep_sampling!r}; expected one of {self.SAMPLING}")
+        if self.flow_shift <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}: need flow_shift > 0, grad_clip >= 0 and weight_decay >= 0")
+        for f in ("drop_text", "drop_image", "drop_audio", "ema_decay"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)} must be in [0, 1)")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ConfigError(f"{where}.end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
+        self.data.validate(f"{where}.data")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     dit: DiTConfig = DiTConfig()
     vae: VAEConfig = VAEConfig()
@@ -306,6 +411,7 @@ class Config:
     llava: LlavaConfig = LlavaConfig()
     mesh: MeshConfig = MeshConfig()
     whisper: WhisperConfig = WhisperConfig()
+    train: TrainConfig = TrainConfig()
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

@@ -1,0 +1,199 @@
+"""Dataset indexing: scan a raw dataset directory or a precomputed one, validating every clip once.
+
+Raw layout (any depth under the root)::
+
+    <name>.mp4   (or .mov/.mkv/.webm/.avi)
+    <name>.json  {"caption": str (required), "item_name": str, "ref_image": path, "audio": path}
+
+Paths inside the JSON are relative to the JSON's directory. A clip is *skipped and counted* (with a logged
+warning naming the file; ``strict`` raises instead) when its JSON is missing or invalid, its caption is missing or
+empty, its reference image or audio file is missing, its video cannot be read, or it has fewer frames than one
+training window needs. Each kept clip is assigned the bucket ``(height, width)`` whose aspect ratio is closest.
+
+Precomputed layout (written by ``python -m hcjax.precompute``): ``index.json`` listing ``clips/*.npz`` with their
+latent shapes, and ``null.npz`` with the unconditional text conditioning and the white-image reference latents.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig
+from .video_io import probe
+
+log = logging.getLogger("hcjax.data")
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+INDEX = "index.json"
+NULL = "null.npz"
+FORMAT = "hcjax-precomputed"
+MAX_LOGGED_SKIPS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One usable raw clip."""
+
+    video: str
+    caption: str
+    item_name: str
+    ref_image: str | None
+    audio: str | None
+    frames: int
+    height: int
+    width: int
+    fps: float
+    bucket: int          # index into DataConfig.buckets
+
+
+@dataclasses.dataclass
+class ScanReport:
+    """What a scan kept and skipped (``skipped``: reason -> count; ``examples``: first few ``(path, message)``)."""
+
+    total: int = 0
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: list = dataclasses.field(default_factory=list)
+
+    def skip(self, path, reason: str, message: str, strict: bool) -> None:
+        if strict:
+            raise ValueError(f"bad clip {path}: {message} (train.data.strict is on)")
+        self.skipped[reason] += 1
+        n = sum(self.skipped.values())
+        if n <= MAX_LOGGED_SKIPS:
+            log.warning("skipping %s: %s", path, message)
+            self.examples.append((str(path), message))
+        elif n == MAX_LOGGED_SKIPS + 1:
+            log.warning("more clips skipped; further skips are only counted")
+
+    def summary(self) -> str:
+        s = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.kept} of {self.total} clips usable; skipped: {s}"
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+
+
+def window_frames(dc: DataConfig) -> int:
+    """Source frames one training window spans."""
+    return (dc.num_frames - 1) * dc.frame_stride + 1
+
+
+def nearest_bucket(height: int, width: int, buckets) -> int:
+    r = math.log(height / width)
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - r), i))
+
+
+def _rel(base: Path, value) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool = False,
+             root: str | Path | None = None) -> tuple[list[Clip], ScanReport]:
+    """Index the raw dataset at ``root`` (default ``dc.path``); returns the usable clips and the report."""
+    root = Path(root if root is not None else dc.path)
+    if not str(root) or not root.is_dir():
+        raise FileNotFoundError(f"dataset directory not found: {root!s} (set train.data.path)")
+    videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    report = ScanReport(total=len(videos))
+    need = window_frames(dc)
+    clips: list[Clip] = []
+    for v in videos:
+        meta_path = v.with_suffix(".json")
+        if not meta_path.is_file():
+            report.skip(v, "missing_json", f"no caption file {meta_path.name}", dc.strict)
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            report.skip(meta_path, "bad_json", f"invalid JSON ({e})", dc.strict)
+            continue
+        if not isinstance(meta, dict):
+            report.skip(meta_path, "bad_json", "expected a JSON object", dc.strict)
+            continue
+        caption = meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            report.skip(meta_path, "missing_caption", "missing or empty \"caption\"", dc.strict)
+            continue
+        item = meta.get("item_name") or default_item_name
+        if not isinstance(item, str):
+            report.skip(meta_path, "bad_json", "\"item_name\" must be a string", dc.strict)
+            continue
+        ref = meta.get("ref_image")
+        if ref is not None:
+            ref = _rel(meta_path.parent, ref)
+            if not ref.is_file():
+                report.skip(meta_path, "missing_ref_image", f"reference image {ref} not found", dc.strict)
+                continue
+        elif dc.ref_source == "image":
+            report.skip(meta_path, "missing_ref_image", "no \"ref_image\" (train.data.ref_source is image)",
+                        dc.strict)
+            continue
+        audio = meta.get("audio")
+        if audio is not None:
+            audio = _rel(meta_path.parent, audio)
+            if not audio.is_file():
+                report.skip(meta_path, "missing_audio", f"audio file {audio} not found", dc.strict)
+                continue
+        elif need_audio:
+            report.skip(meta_path, "missing_audio", "no \"audio\" (the DiT is an audio model)", dc.strict)
+            continue
+        try:
+            info = probe(v)
+        except ValueError as e:
+            report.skip(v, "unreadable_video", str(e), dc.strict)
+            continue
+        if info.frames < need:
+            report.skip(v, "too_short", f"{info.frames} frames; a window of {dc.num_frames} frames with stride "
+                        f"{dc.frame_stride} needs {need}", dc.strict)
+            continue
+        clips.append(Clip(str(v), caption.strip(), item.strip(), None if ref is None else str(ref),
+                          None if audio is None else str(audio), info.frames, info.height, info.width, info.fps,
+                          nearest_bucket(info.height, info.width, dc.buckets)))
+    report.kept = len(clips)
+    log.info("dataset %s: %s", root, report.summary())
+    return clips, report
+
+
+def read_index(root: str | Path) -> dict[str, Any]:
+    """``index.json`` of a precomputed dataset (checked for its format marker)."""
+    root = Path(root)
+    f = root / INDEX
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory not found: {root} (set train.data.path)")
+    if not f.is_file():
+        raise FileNotFoundError(f"{root} is not a precomputed dataset (no {INDEX}); write one with "
+                                "`python -m hcjax.precompute`, or set train.data.mode: raw")
+    index = json.loads(f.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{f}: not an hcjax precomputed index (format {index.get('format')!r})")
+    if not (root / NULL).is_file():
+        raise FileNotFoundError(f"{root}: missing {NULL} (unconditional conditioning); re-run hcjax.precompute")
+    return index
+
+
+def scan_precomputed(dc: DataConfig, root: str | Path | None = None) -> tuple[list[dict], dict, ScanReport]:
+    """Entries ``{"file", "latent_shape", "bucket"}`` whose files exist, the index, and the report."""
+    root = Path(root if root is not None else dc.path)
+    index = read_index(root)
+    entries = index.get("clips", [])
+    report = ScanReport(total=len(entries))
+    kept = []
+    shapes: dict[tuple, int] = {}
+    for e in entries:
+        f = root / e["file"]
+        if not f.is_file():
+            report.skip(f, "missing_file", "listed in index.json but missing", dc.strict)
+            continue
+        shape = tuple(e["latent_shape"])
+        kept.append(dict(e, file=str(f), bucket=shapes.setdefault(shape, len(shapes))))
+    report.kept = len(kept)
+    log.info("dataset %s: %s", root, report.summary())
+    return kept, index, report

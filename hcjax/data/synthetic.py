@@ -1,0 +1,150 @@
+"""A small synthetic subject-video dataset: ``python -m hcjax.data.synthetic --out DIR``.
+
+Each clip shows one subject (a coloured, textured shape: circle/square/triangle/diamond; striped, checkered,
+dotted or plain) moving in the direction its caption says (left, right, up, down) over a grey background. For
+each clip ``clip_NNNN`` the generator writes the layout :mod:`hcjax.data` reads::
+
+    clip_NNNN.mp4        H.264 video, ``--frames`` frames of ``--height x --width``
+    clip_NNNN.json       {"caption": "...", "item_name": "...", "ref_image": "clip_NNNN_ref.png", ...}
+    clip_NNNN_ref.png    the subject alone, centred on white (the reference image)
+
+Deterministic for a ``--seed``. Used by the tests and the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .video_io import write_mp4
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+TEXTURES = ("striped", "checkered", "dotted", "plain")
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+    "magenta": (200, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30),
+}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "triangle":
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture(texture: str, dx: np.ndarray, dy: np.ndarray, period: float) -> np.ndarray:
+    if texture == "striped":
+        return np.floor(dx / period) % 2 == 0
+    if texture == "checkered":
+        return (np.floor(dx / period) + np.floor(dy / period)) % 2 == 0
+    if texture == "dotted":
+        fx, fy = (dx / period) % 2 - 1, (dy / period) % 2 - 1
+        return fx * fx + fy * fy > 0.35
+    return np.ones_like(dx, bool)
+
+
+def render(shape: str, texture: str, color, cx: float, cy: float, r: float, height: int, width: int,
+           background: np.ndarray) -> np.ndarray:
+    """One ``uint8 [H, W, 3]`` frame: the subject centred at ``(cx, cy)`` over ``background``."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    dx, dy = xx + 0.5 - cx, yy + 0.5 - cy
+    inside = _mask(shape, dx, dy, r)
+    on = _texture(texture, dx, dy, max(r / 3.0, 1.5))
+    col = np.asarray(color, np.float32)
+    subject = np.where(on[..., None], col, col * 0.45)
+    out = np.where(inside[..., None], subject, background.astype(np.float32))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def make_clip(rng: np.random.Generator, frames: int, height: int, width: int):
+    """Frames, reference image and metadata of one random clip."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+    r = min(height, width) * rng.uniform(0.18, 0.26)
+    ux, uy = DIRECTIONS[direction]
+    margin = r * 1.05
+    # start on the side the subject comes from, travel across most of the frame; random cross-axis offset
+    travel = np.linspace(0.0, 1.0, frames)
+    cross = rng.uniform(0.35, 0.65)
+    if ux:
+        xs = margin + (width - 2 * margin) * (travel if ux > 0 else 1 - travel)
+        ys = np.full(frames, height * cross)
+    else:
+        ys = margin + (height - 2 * margin) * (travel if uy > 0 else 1 - travel)
+        xs = np.full(frames, width * cross)
+    gray = rng.uniform(110, 150)
+    yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
+    background = np.repeat((gray + 20 * (yy / height - 0.5))[..., None], 3, axis=-1)
+    video = np.stack([render(shape, texture, COLORS[color], x, y, r, height, width, background)
+                      for x, y in zip(xs, ys)])
+    white = np.full((height, width, 3), 255, np.float32)
+    ref = render(shape, texture, COLORS[color], width / 2, height / 2, r, height, width, white)
+    name = f"{color} {texture} {shape}"
+    meta = {
+        "caption": f"a {name} moves {direction} across a gray background",
+        "item_name": name, "shape": shape, "texture": texture, "color": color, "motion": direction,
+    }
+    return video, ref, meta
+
+
+def generate(out: str | Path, num_clips: int = 16, frames: int = 33, height: int = 64, width: int = 64,
+             seed: int = 0, fps: int = 25, overwrite: bool = False) -> list[Path]:
+    """Write ``num_clips`` clips into ``out``; returns the mp4 paths."""
+    from PIL import Image
+
+    out = Path(out)
+    if num_clips < 1 or frames < 1:
+        raise ValueError(f"need num_clips >= 1 and frames >= 1, got {num_clips} and {frames}")
+    if height < 16 or width < 16 or height % 2 or width % 2:
+        raise ValueError(f"height and width must be even and >= 16, got {height}x{width}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(num_clips):
+        rng = np.random.default_rng([seed, i])
+        video, ref, meta = make_clip(rng, frames, height, width)
+        stem = f"clip_{i:04d}"
+        Image.fromarray(ref).save(out / f"{stem}_ref.png")
+        paths.append(write_mp4(out / f"{stem}.mp4", video, fps=fps))
+        meta["ref_image"] = f"{stem}_ref.png"
+        (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write a synthetic subject-video dataset (mp4 + JSON + reference).")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-clips", type=int, default=16)
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        paths = generate(args.out, args.num_clips, args.frames, args.height, args.width, args.seed, args.fps,
+                         args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} clips to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Flow-matching training of the HunyuanCustom DiT (no reference: the original release has no training code).
+
+Objective, consistent with the sampler (:mod:`hcjax.scheduler`): ``sigma ~ shift(logit-normal | uniform)``,
+``x_sigma = (1 - sigma) x0 + sigma eps``, the DiT sees ``t = 1000 sigma`` and regresses the velocity
+``eps - x0`` (MSE, fp32). Reference-image conditioning uses ``ref_latents [B, 1, h, w, C]`` (a frame of the clip
+or a separate image, see :mod:`hcjax.data`). Condition dropout for CFG, per sample: text -> the negative-branch
+conditioning (``null``), image -> white-image reference latents, audio -> zeros (spec 3.4, 2.1, 2.3).
+
+State: a plain dict ``{"step": int32[], "params", "opt_state", ("ema")}``; params are fp32 master weights,
+the DiT computes in ``dit.dtype`` (bf16 for mixed precision) and ``dit.remat`` picks the checkpoint policy of
+the scanned blocks. Optimiser: global-norm clipping then AdamW (decay on kernels/embeddings) with linear warmup
+and cosine (or constant) decay. :func:`make_train_step` returns a pure jitted ``(state, batch, null) -> (state,
+metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite loss or gradient
+leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
+a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import dit, sharding
+from .config import Config, ConfigError, to_dict
+from .scheduler import training_sigmas
+
+log = logging.getLogger("hcjax.training")
+
+NULL_KEYS = ("text_states", "text_mask", "text_states_2")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient norm."""
+
+
+# ------------------------------------------------------------------------------------------- mesh / sharding
+
+
+def default_rules(cfg: Config):
+    return sharding.rules_for(cfg.mesh)
+
+
+def make_mesh(cfg: Config, devices=None):
+    return sharding.make_mesh(cfg.mesh, cfg.dit, devices)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules, cfg: Config | None = None):
+    """Trace the model under ``mesh``: logical rules (activation constraints) and attention options."""
+    with sharding.use_mesh(mesh, None if cfg is None else cfg.mesh, rules=rules):
+        yield
+
+
+def check_batch(cfg: Config, mesh) -> int:
+    """The number of batch shards; raises when the global batch does not divide over them."""
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    b = cfg.train.batch_size
+    if b % shards:
+        raise ConfigError(f"train.batch_size={b} is not divisible by the {shards} batch shards of the mesh "
+                          f"(data x fsdp = {dict((a, mesh.shape[a]) for a in ('data', 'fsdp') if a in mesh.shape)});"
+                          f" use a multiple of {shards}")
+    if b % jax.process_count():
+        raise ConfigError(f"train.batch_size={b} does not divide over {jax.process_count()} hosts")
+    return shards
+
+
+def param_shardings(cfg: Config, mesh, rules):
+    return sharding.param_shardings(cfg.dit, mesh, rules)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    return nn.logical_to_mesh_sharding(P("act_batch"), mesh, rules)
+
+
+# ------------------------------------------------------------------------------------------- optimiser / state
+
+
+def make_schedule(tc) -> optax.Schedule:
+    warm = optax.linear_schedule(0.0, tc.learning_rate, max(tc.warmup_steps, 1))
+    if tc.lr_schedule == "constant":
+        after = optax.constant_schedule(tc.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(tc.learning_rate, max(tc.steps - tc.warmup_steps, 1),
+                                            alpha=tc.end_lr_ratio)
+    return optax.join_schedules([warm, after], [tc.warmup_steps]) if tc.warmup_steps else after
+
+
+def _decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+
+
+def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping (always in the chain, ``inf`` when off, so the state structure is fixed) + AdamW."""
+    schedule = make_schedule(tc)
+    opt = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip if tc.grad_clip > 0 else float("inf")),
+        optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps, weight_decay=tc.weight_decay,
+                    mask=_decay_mask),
+    )
+    return opt, schedule
+
+
+def init_state(cfg: Config, params, optimizer) -> dict:
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    if cfg.train.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def state_shardings(cfg: Config, mesh, rules, optimizer) -> dict:
+    """Shardings of the train state: params by logical axes, optimizer moments like their params, scalars
+    replicated."""
+    ps = param_shardings(cfg, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), nn.unbox(
+        dit.abstract_params(cfg.dit)))
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, abstract_opt, ps,
+                                              transform_non_params=lambda _: replicated)
+    out = {"step": replicated, "params": ps, "opt_state": opt_sh}
+    if cfg.train.ema_decay > 0:
+        out["ema"] = ps
+    return out
+
+
+def abstract_state(cfg: Config, mesh, rules, optimizer) -> dict:
+    """``ShapeDtypeStruct`` tree (with shardings) of the train state: the restore target."""
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), nn.unbox(
+        dit.abstract_params(cfg.dit)))
+    shapes = jax.eval_shape(lambda p: init_state(cfg, p, optimizer), abstract_params)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(cfg, mesh, rules, optimizer))
+
+
+def create_state(cfg: Config, mesh, rules, optimizer, key=None, params=None) -> dict:
+    """A fresh sharded train state from random init (``key``) or given fp32 ``params``."""
+    sh = state_shardings(cfg, mesh, rules, optimizer)
+    if params is None:
+        key = jax.random.key(cfg.train.seed) if key is None else key
+        params = jax.jit(lambda k: nn.unbox(dit.init_params(cfg.dit, k)), out_shardings=sh["params"])(key)
+    params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), nn.unbox(params)), sh["params"])
+    return jax.jit(lambda p: init_state(cfg, p, optimizer), out_shardings=sh)(params)
+
+
+def load_init_params(cfg: Config, mesh, rules):
+    """Converted DiT weights from ``train.init_from`` restored straight into their shardings (fp32)."""
+    from .checkpoint import dit_differences, load_checkpoint_config, load_params
+
+    path = cfg.train.init_from
+    errors, _ = dit_differences(to_dict(load_checkpoint_config(path))["dit"], cfg)
+    errors = [e for e in errors if not e.startswith("dit.param_dtype")]     # restored (cast) into fp32
+    if errors:
+        raise ConfigError(f"train.init_from={path}: the checkpoint's DiT differs from dit: " + "; ".join(errors))
+    abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=x),
+                            nn.unbox(dit.abstract_params(cfg.dit)), param_shardings(cfg, mesh, rules))
+    return load_params(path, abstract)
+
+
+# ------------------------------------------------------------------------------------------- objective
+
+
+def apply_dropout(batch: dict, null: dict, key, tc) -> dict:
+    """Per-sample condition dropout for CFG (text -> ``null``, image -> white reference, audio -> zeros)."""
+    b = batch["latents"].shape[0]
+    u = jax.random.uniform(key, (3, b))
+    drop_t, drop_i, drop_a = u[0] < tc.drop_text, u[1] < tc.drop_image, u[2] < tc.drop_audio
+
+    def sel(mask, a, b_):
+        return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)
+
+    out = dict(batch)
+    for k in NULL_KEYS:
+        out[k] = sel(drop_t, jnp.broadcast_to(null[k].astype(batch[k].dtype), batch[k].shape), batch[k])
+    out["ref_latents"] = sel(drop_i, batch["null_ref_latents"], batch["ref_latents"])
+    if "audio_features" in batch:
+        out["audio_features"] = sel(drop_a, jnp.zeros_like(batch["audio_features"]), batch["audio_features"])
+    return out
+
+
+def flow_matching_loss(params, batch: dict, null: dict, key, cfg: Config):
+    """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32)."""
+    tc = cfg.train
+    x0 = batch["latents"].astype(jnp.float32)
+    b = x0.shape[0]
+    k_sigma, k_noise, k_drop = jax.random.split(key, 3)
+    sigma = training_sigmas(k_sigma, b, tc.flow_shift, tc.timestep_sampling)
+    eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    s = sigma.reshape(b, 1, 1, 1, 1)
+    xt = (1.0 - s) * x0 + s * eps
+    cond = apply_dropout(batch, null, k_drop, tc)
+    extra = {"audio_features": cond["audio_features"]} if "audio_features" in cond else {}
+    v = dit.HunyuanDiT(cfg.dit).apply({"params": params}, xt, 1000.0 * sigma, cond["text_states"],
+                                      cond["text_mask"], cond["text_states_2"], ref_latents=cond["ref_latents"],
+                                      **extra)
+    loss = jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
+    return loss, {"sigma_mean": jnp.mean(sigma)}
+
+
+def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: bool = False,
+                    compiler_options: dict | None = None) -> Callable:
+    """Jitted ``(state, batch, null) -> (state, metrics)`` with in/out shardings on ``mesh``, state donated.
+
+    ``batch`` arrays are global arrays sharded on their leading axis (``act_batch``), ``null`` is replicated.
+    ``metrics``: ``loss``, ``grad_norm`` (before clipping), ``lr`` (of this step), ``finite``; plus ``grads`` with
+    ``with_grads`` (tests). ``compiler_options`` go to ``jax.jit`` (XLA debug options).
+    """
+    rules = default_rules(cfg) if rules is None else rules
+    tc = cfg.train
+    if cfg.dit.param_dtype != "float32":
+        raise ConfigError(f"dit.param_dtype={cfg.dit.param_dtype}: training keeps fp32 master params; set "
+                          "dit.param_dtype: float32 and choose the compute dtype with dit.dtype")
+    _, schedule = make_optimizer(tc)
+    ema = tc.ema_decay
+
+    def step_fn(state, batch, null):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.key(tc.seed), step)
+        (loss, aux), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
+            state["params"], batch, null, key, cfg)
+        gnorm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"step": step + 1, "params": params, "opt_state": opt_state}
+        if ema > 0:
+            new["ema"] = jax.tree.map(lambda e, p: e * ema + (1.0 - ema) * p, state["ema"], params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        metrics = {"loss": loss, "grad_norm": gnorm, "lr": schedule(step), "finite": ok, **aux}
+        if with_grads:
+            metrics["grads"] = grads
+        return new, metrics
+
+    s_sh = state_shardings(cfg, mesh, rules, optimizer)
+    b_sh, rep = batch_sharding(mesh, rules), NamedSharding(mesh, P())
+    m_sh = {"loss": rep, "grad_norm": rep, "lr": rep, "finite": rep, "sigma_mean": rep}
+    if with_grads:
+        m_sh["grads"] = s_sh["params"]
+    jitted = jax.jit(step_fn, in_shardings=(s_sh, b_sh, rep), out_shardings=(s_sh, m_sh), donate_argnums=(0,),
+                     compiler_options=compiler_options)
+
+    def train_step(state, batch, null):
+        with mesh_context(mesh, rules, cfg):
+            return jitted(state, batch, null)
+
+    train_step.jitted = jitted
+    return train_step
+
+
+def to_global(batch: dict, mesh, rules) -> dict:
+    """This host's numpy batch -> global arrays sharded over the batch axes of ``mesh``."""
+    sh = batch_sharding(mesh, rules)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def device_null(null: dict, mesh) -> dict:
+    return jax.device_put({k: np.asarray(null[k]) for k in NULL_KEYS}, NamedSharding(mesh, P()))
+
+
+def video_tokens(cfg: Config, latents_shape) -> int:
+    b, t, h, w, _ = latents_shape
+    pt, ph, pw = cfg.dit.patch_size
+    return b * (t // pt) * (h // ph) * (w // pw)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the workdir (+ TensorBoard events via tensorboardX when installed)."""
+
+    def __init__(self, workdir: Path, tensorboard: bool = True):
+        self.file = open(workdir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard and jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.info("tensorboardX not installed; metrics go to metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _null_conditioning(cfg: Config, loader, encoders) -> dict:
+    if encoders is not None:
+        return encoders.null_text()
+    from .data import sources
+    from .precompute import check_compatible
+
+    check_compatible(loader.index, cfg, cfg.train.data.path)
+    with np.load(Path(cfg.train.data.path) / sources.NULL) as z:
+        return {k: z[k] for k in NULL_KEYS}
+
+
+def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: Callable = print,
+          progress: bool | None = None) -> dict:
+    """Run (or resume) training in ``workdir``; returns ``{"step", "loss", "skipped", ...}`` of the last step.
+
+    ``workdir/checkpoints`` (orbax), ``workdir/metrics.jsonl``, ``workdir/config.json`` (this run's config) and
+    ``workdir/tensorboard``. Refuses to start over existing checkpoints without ``resume``.
+    """
+    from .checkpoint import TrainCheckpoints, resume_differences
+    from .data import Loader
+
+    tc = cfg.train
+    mesh, rules = make_mesh(cfg), default_rules(cfg)
+    check_batch(cfg, mesh)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = TrainCheckpoints(workdir / "checkpoints", keep=tc.keep, async_save=tc.async_save)
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        ckpts.close()
+        raise FileExistsError(f"{ckpts.directory} already holds checkpoints (latest step {latest}); pass --resume "
+                              "to continue that run, or choose a new --workdir")
+    optimizer, _ = make_optimizer(tc)
+    data_state: dict = {}
+    if latest is not None:
+        for note in resume_differences(ckpts.config_dict(latest), cfg):
+            log.warning("resuming with a changed setting: %s", note)
+        state, data_state = ckpts.restore(latest, abstract_state(cfg, mesh, rules, optimizer))
+        print_fn(f"resumed from step {latest} ({ckpts.directory})")
+    else:
+        if resume:
+            print_fn(f"--resume: no checkpoint in {ckpts.directory} yet; starting at step 0")
+        params = load_init_params(cfg, mesh, rules) if tc.init_from else None
+        state = create_state(cfg, mesh, rules, optimizer, params=params)
+    start = int(jax.device_get(state["step"]))
+    if start >= tc.steps:
+        print_fn(f"nothing to do: the checkpoint is at step {start} >= train.steps={tc.steps}")
+        ckpts.close()
+        return {"step": start}
+    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    loader = Loader(cfg, start_step=start, read_skips=int(data_state.get("read_skips", 0)))
+    encoders = None
+    if tc.data.mode == "raw":
+        from .precompute import Encoders
+
+        encoders = Encoders(cfg)
+    null = device_null(_null_conditioning(cfg, loader, encoders), mesh)
+    step_fn = make_train_step(cfg, optimizer, mesh, rules)
+    metrics_log = MetricsLog(workdir)
+    if loader.report.skipped:
+        print_fn(f"data: {loader.report.summary()}")
+    progress = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {"step": start}
+    t_prev = time.perf_counter()
+    try:
+        for batch in loader:
+            if encoders is not None:
+                batch = encoders.encode(batch)
+            tokens = video_tokens(cfg, np.shape(batch["latents"])) * jax.process_count()
+            state, m = step_fn(state, to_global(batch, mesh, rules), null)
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            step = loader.next_step
+            if not bool(m["finite"]):
+                ckpts.wait()
+                raise NonFiniteError(
+                    f"non-finite training values at step {step} (loss={float(m['loss'])}, grad_norm="
+                    f"{float(m['grad_norm'])}); stopped without applying the update. The last good checkpoint is "
+                    f"step {ckpts.latest_step()} in {ckpts.directory}; lower train.learning_rate or check the data")
+            last = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                    "lr": float(m["lr"]), "step_time": dt, "tokens_per_s": tokens / dt}
+            if step % tc.log_every == 0 or step == tc.steps or step == start + 1:
+                metrics_log.write(step, {k: v for k, v in last.items() if k != "step"})
+                line = (f"step {step} loss {last['loss']:.6f} grad_norm {last['grad_norm']:.4f} lr {last['lr']:.3e} "
+                        f"step_time {dt:.3f}s tokens/s {last['tokens_per_s']:.0f}"
+                        + (" (first step: includes compilation)" if step == start + 1 else ""))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", gnorm=f"{last['grad_norm']:.3f}")
+                else:
+                    print_fn(line)
+            if bar is not None:
+                bar.update(1)
+            if step % tc.save_every == 0 or step == tc.steps:
+                ckpts.save(step, state, loader.state(), cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+        loader.close()
+        metrics_log.close()
+        ckpts.close()
+    last["skipped"] = loader.skipped
+    print_fn(f"done: step {last['step']}, loss {last.get('loss', float('nan')):.6f}; skipped clips: "
+             f"{loader.skipped or 'none'}")
+    return last

@@ -1,0 +1,227 @@
+"""Data: synthetic generator, grain pipeline (shapes, buckets, determinism, hosts, workers, resume), bad clips,
+precompute + precomputed loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hcjax.config import load_config
+from hcjax.data import BatchPlan, Loader, scan_raw
+from hcjax.data.pipeline import LoadBatch, RawReader
+from hcjax.data.synthetic import generate
+from hcjax.data.video_io import decode_frames, probe, write_mp4
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "train_tiny.yaml"
+
+
+def cfg_for(path, *overrides, mode="raw"):
+    return load_config(TINY, [f"train.data.path={path}", f"train.data.mode={mode}", "train.data.num_frames=9",
+                              "train.data.buckets=[[32,32],[32,64]]", "train.batch_size=2", "train.steps=6",
+                              *overrides])
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """12 clips of 13 frames: 6 square (32x32) and 6 wide (32x64)."""
+    root = tmp_path_factory.mktemp("raw")
+    generate(root / "square", num_clips=6, frames=13, height=32, width=32, seed=1)
+    generate(root / "wide", num_clips=6, frames=13, height=32, width=64, seed=2)
+    return root
+
+
+def batches(cfg, n=None, **kw):
+    loader = Loader(cfg, process_index=kw.pop("process_index", 0), process_count=kw.pop("process_count", 1), **kw)
+    try:
+        out = list(loader) if n is None else [next(loader) for _ in range(n)]
+    finally:
+        loader.close()
+    return out, loader
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_clips_move_as_captioned(raw):
+    metas = sorted((raw / "square").glob("*.json")) + sorted((raw / "wide").glob("*.json"))
+    assert len(metas) == 12
+    for m in metas:
+        meta = json.loads(m.read_text())
+        video = decode_frames(m.with_suffix(".mp4"), range(13)).astype(np.float32)
+        info = probe(m.with_suffix(".mp4"))
+        assert info.frames == 13 and meta["item_name"] in meta["caption"]
+        # subject = pixels far from the grey background: its centroid moves as the caption says
+        sat = video.max(-1) - video.min(-1)
+        cy, cx = [], []
+        for f in sat:
+            ys, xs = np.nonzero(f > 60)
+            cy.append(ys.mean())
+            cx.append(xs.mean())
+        dx, dy = cx[-1] - cx[0], cy[-1] - cy[0]
+        want = {"left": (dx < -4), "right": (dx > 4), "up": (dy < -4), "down": (dy > 4)}[meta["motion"]]
+        assert want, (m.name, meta["motion"], dx, dy)
+        ref = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(m.parent / meta["ref_image"]))
+        assert ref.shape == video.shape[1:] and (ref == 255).all(-1).mean() > 0.5      # subject on white
+
+
+def test_synthetic_refuses_to_overwrite(tmp_path):
+    generate(tmp_path / "d", num_clips=1, frames=5, height=16, width=16)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        generate(tmp_path / "d", num_clips=1, frames=5, height=16, width=16)
+
+
+# ------------------------------------------------------------------------------------------- grain pipeline
+
+
+def test_raw_batches_shapes_buckets_and_determinism(raw):
+    cfg = cfg_for(raw)
+    got, loader = batches(cfg)
+    assert len(got) == 6 and loader.state()["next_step"] == 6 and loader.skipped == {}
+    widths = set()
+    for b in got:
+        w = b["video"].shape[3]
+        widths.add(w)
+        assert b["video"].shape == (2, 9, 32, w, 3) and b["video"].dtype == np.uint8
+        assert b["ref_image"].shape == (2, 32, w, 3) and b["llava_image"].shape == (2, 28, 28, 3)
+        assert b["frame_index"].shape == (2, 9) and np.all(np.diff(b["frame_index"], axis=1) == 1)
+        assert b["frame_index"].min() >= 0 and b["frame_index"].max() < 13
+        assert len(b["caption"]) == 2 and all(c.startswith("a ") for c in b["caption"])
+        assert all(n in c for n, c in zip(b["item_name"], b["caption"]))
+    assert widths == {32, 64}                                  # both buckets, never mixed inside a batch
+    again, _ = batches(cfg)
+    assert all(same(a, b) for a, b in zip(got, again))        # deterministic for a seed
+    other, _ = batches(cfg_for(raw, "train.data.seed=1"))
+    assert not all(same(a, b) for a, b in zip(got, other))
+
+
+def test_two_hosts_split_the_global_batch_without_overlap(raw):
+    cfg = cfg_for(raw, "train.batch_size=4", "train.steps=3")
+    full, _ = batches(cfg)
+    h0, _ = batches(cfg, process_index=0, process_count=2)
+    h1, _ = batches(cfg, process_index=1, process_count=2)
+    for f, a, b in zip(full, h0, h1):
+        for k in f:
+            joined = (a[k] + b[k]) if isinstance(f[k], list) else np.concatenate([a[k], b[k]])
+            assert np.array_equal(np.asarray(joined), np.asarray(f[k])), k
+    plan = BatchPlan([0] * 6 + [1] * 6, 4, 0)
+    for step in range(9):                                       # across epoch boundaries too
+        ids0, ids1 = plan.host_ids(step, 0, 2), plan.host_ids(step, 1, 2)
+        assert not set(ids0) & set(ids1) and sorted([*ids0, *ids1]) == sorted(plan.global_batch_ids(step))
+        assert len({0 if i < 6 else 1 for i in plan.global_batch_ids(step)}) == 1
+    for e in range(2):                                          # an epoch uses each clip at most once
+        ids = np.concatenate(plan.epoch(e))
+        assert len(ids) == len(set(ids.tolist())) == 8
+
+
+def test_resume_from_state_and_worker_processes(raw):
+    cfg = cfg_for(raw)
+    full, loader = batches(cfg)
+    tail, resumed = batches(cfg, start_step=3)
+    assert len(tail) == 3 and all(same(a, b) for a, b in zip(full[3:], tail))
+    assert resumed.state()["next_step"] == 6
+    workers, _ = batches(cfg, n=4, workers=2)
+    assert all(same(a, b) for a, b in zip(full, workers))
+
+
+def test_dataset_too_small_for_the_batch(raw):
+    with pytest.raises(ValueError, match="dataset too small.*batch_size"):
+        Loader(cfg_for(raw, "train.batch_size=8"), process_index=0, process_count=1)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def messy(tmp_path, raw):
+    d = tmp_path / "messy"
+    shutil.copytree(raw / "square", d)
+    (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (d / "corrupt.json").write_text(json.dumps({"caption": "noise"}))
+    write_mp4(d / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8))
+    (d / "short.json").write_text(json.dumps({"caption": "too short"}))
+    shutil.copy(d / "clip_0000.mp4", d / "nocaption.mp4")
+    (d / "nocaption.json").write_text(json.dumps({"item_name": "thing"}))
+    shutil.copy(d / "clip_0000.mp4", d / "nojson.mp4")
+    shutil.copy(d / "clip_0000.mp4", d / "badjson.mp4")
+    (d / "badjson.json").write_text("{not json")
+    shutil.copy(d / "clip_0000.mp4", d / "noref.mp4")
+    (d / "noref.json").write_text(json.dumps({"caption": "x", "ref_image": "missing.png"}))
+    return d
+
+
+def test_bad_clips_are_skipped_and_counted(messy, caplog):
+    cfg = cfg_for(messy)
+    clips, report = scan_raw(cfg.train.data)
+    assert len(clips) == 6 and report.total == 12
+    assert dict(report.skipped) == {"unreadable_video": 1, "too_short": 1, "missing_caption": 1, "missing_json": 1,
+                                    "bad_json": 1, "missing_ref_image": 1}
+    assert "corrupt.mp4" in caplog.text and "missing or empty \"caption\"" in caplog.text
+    got, loader = batches(cfg, n=2)
+    assert got[0]["video"].shape == (2, 9, 32, 32, 3) and loader.skipped["too_short"] == 1
+    with pytest.raises(ValueError, match=r"bad clip .*(corrupt|badjson|nocaption|nojson|noref|short)"):
+        scan_raw(cfg_for(messy, "train.data.strict=true").train.data)
+
+
+def test_clip_failing_at_read_time_is_replaced_and_counted(raw, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(raw / "square", d)
+    cfg = cfg_for(d)
+    clips, _ = scan_raw(cfg.train.data)
+    plan = BatchPlan([c.bucket for c in clips], 2, 0)
+    victim = int(plan.global_batch_ids(0)[0])
+    Path(clips[victim].video).write_bytes(b"\x00" * 100)       # breaks after the scan
+    load = LoadBatch(plan, RawReader(cfg.train.data, clips, 28), 0, 0, 1, strict=False)
+    out = load(0)
+    assert int(out["skipped"]) == 1 and out["video"].shape == (2, 9, 32, 32, 3)
+    assert out["caption"][0] == clips[plan.neighbor(victim, 1)].caption      # the next clip of the bucket
+    strict = LoadBatch(plan, RawReader(cfg.train.data, clips, 28), 0, 0, 1, strict=True)
+    with pytest.raises(ValueError, match="cannot decode"):
+        strict(0)
+
+
+def test_missing_or_empty_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset directory not found"):
+        Loader(cfg_for(tmp_path / "nowhere"), process_index=0, process_count=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable clips"):
+        Loader(cfg_for(tmp_path / "empty"), process_index=0, process_count=1)
+    with pytest.raises(FileNotFoundError, match="hcjax.precompute"):
+        Loader(cfg_for(tmp_path / "empty", mode="precomputed"), process_index=0, process_count=1)
+
+
+# ------------------------------------------------------------------------------------------- precompute
+
+
+def test_precompute_and_precomputed_batches(raw, tmp_path):
+    from hcjax.precompute import check_compatible, precompute
+
+    cfg = cfg_for(raw / "square")
+    index = precompute(cfg, raw / "square", tmp_path / "cache")
+    assert len(index["clips"]) == 6 and index["scan"]["skipped"] == {}
+    assert index["text"] == {"length": 16, "dim": 32, "dim_2": 16} and index["latent_channels"] == 4
+    pc = cfg_for(tmp_path / "cache", "train.steps=4", mode="precomputed")
+    got, loader = batches(pc)
+    b = got[0]
+    assert b["latents"].shape == (2, 3, 4, 4, 4) and b["ref_latents"].shape == (2, 1, 4, 4, 4)
+    assert b["null_ref_latents"].shape == (2, 1, 4, 4, 4) and b["text_states"].shape == (2, 16, 32)
+    assert b["text_mask"].shape == (2, 16) and b["text_states_2"].shape == (2, 16)
+    assert np.all(np.isfinite(b["latents"])) and b["latents"].std() > 0.01
+    assert not np.allclose(b["ref_latents"], b["null_ref_latents"])
+    # the white-image latents are the same for every clip of a bucket; the text differs per caption
+    assert np.array_equal(b["null_ref_latents"][0], b["null_ref_latents"][1])
+    with np.load(tmp_path / "cache" / "null.npz") as z:
+        assert z["text_mask"].sum() >= 1 and "ref_4x4" in z.files
+    check_compatible(index, pc, "cache")
+    with pytest.raises(ValueError, match="dit.in_channels"):
+        check_compatible(index, cfg_for(tmp_path / "cache", "dit.in_channels=8", "dit.out_channels=8"), "cache")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        precompute(cfg, raw / "square", tmp_path / "cache")

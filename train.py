@@ -1,0 +1,60 @@
+"""hcjax training entry point: flow-matching fine-tuning of the HunyuanCustom DiT.
+
+    python train.py --config configs/train_tiny.yaml --workdir RUN [--set a.b=value ...] [--resume]
+
+Data: ``train.data.path`` is a dataset written by ``python -m hcjax.precompute`` (``train.data.mode:
+precomputed``, what large runs use) or a raw directory of mp4 + JSON clips (``mode: raw``, encoded online).
+Writes ``RUN/checkpoints`` (orbax, async, keep-N), ``RUN/metrics.jsonl``, ``RUN/tensorboard`` and
+``RUN/config.json``. ``--resume`` continues from the latest complete checkpoint (params, optimizer, EMA, step,
+data position). Bad input ends with a one-line message and exit code 2 (``--debug`` shows the traceback); a
+NaN/Inf loss stops with exit code 3 and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="hcjax YAML with a train: section (e.g. configs/train_tiny.yaml)")
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, TensorBoard)")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="config override (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        from hcjax.config import load_config
+        from hcjax.training import NonFiniteError, train
+
+        from hcjax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()
+        cfg = load_config(args.config, args.set)
+        if not cfg.train.data.path:
+            raise ValueError("no training data: set train.data.path (e.g. --set train.data.path=DIR)")
+        train(cfg, args.workdir, resume=args.resume, print_fn=lambda s: print(s, flush=True),
+              progress=False if args.no_progress else None)
+        return 0
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,3 +129,39 @@ def test_generate_editing_mode(tmp_path):
                   input_video=str(tmp_path / "v.mp4"), mask_video=str(tmp_path / "m.mp4"), steps=2)
     frames, _ = generate(models, req)
     assert frames.shape == (5, 32, 48, 3)   # size and length come from the input video
+
+
+def test_cli_audio_and_editing_modes(tmp_path):
+    wav = tmp_path / "a.wav"
+    _write_wav(wav, 1.0)
+    r = _cli("--save-path", str(tmp_path / "audio"), "--set", "dit.audio_condition=true", "--input-audio", str(wav),
+             "--video-size", "32", "32", "--sample-n-frames", "5", "--infer-steps", "2")
+    assert r.returncode == 0, r.stderr
+    mp4 = next((tmp_path / "audio").glob("*.mp4"))
+    import av
+
+    with av.open(str(mp4)) as c:
+        assert len(c.streams.audio) == 1
+    assert read_video(mp4).shape == (5, 32, 32, 3)
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "v.mp4", rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8), crf="0")
+    mask = np.zeros((5, 32, 48, 3), np.uint8)
+    mask[:, 8:24, 16:32] = 255
+    write_video(tmp_path / "m.mp4", mask, crf="0")
+    r = _cli("--save-path", str(tmp_path / "edit"), "--set", "dit.video_condition=true",
+             "--input-video", str(tmp_path / "v.mp4"), "--mask-video", str(tmp_path / "m.mp4"), "--infer-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert read_video(next((tmp_path / "edit").glob("*.mp4"))).shape == (5, 32, 48, 3)
+
+
+def test_cli_interrupt_leaves_no_mp4(tmp_path):
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "sample.py", "--save-path", str(tmp_path)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0, err
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))

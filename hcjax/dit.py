@@ -17,7 +17,6 @@ and the audio path can inject between double blocks, all over one parameter stac
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn

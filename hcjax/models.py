@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -206,13 +205,3 @@ def load_models(ckpt_dir: str | Path | None, config: str | Path | None = None, o
         return load_bundle(convert_original(d, variant), overrides)
     raise FileNotFoundError(f"--ckpt-dir {d}: neither an hcjax bundle (dit/, vae/, llava/, clip/) nor an original "
                             f"models/ download ({', '.join(ORIGINAL_DIT.values())}/...)")
-
-
-def variant_config(models: Models) -> str:
-    c = models.cfg.dit
-    return "audio" if c.audio_condition else "editing" if c.video_condition else "image"
-
-
-def with_dit_overrides(models: Models, **kw) -> Models:
-    return dataclasses.replace(models, cfg=dataclasses.replace(models.cfg, dit=dataclasses.replace(models.cfg.dit,
-                                                                                                  **kw)))

@@ -5,7 +5,8 @@ activations ``act_batch, act_seq, act_embed, act_heads, act_mlp``); this file ma
 ``(data, fsdp, sequence, tensor)``:
 
 * ``data``      pure replicas (batch only)
-* ``fsdp``      batch, and the ``embed`` dimension of every weight (ZeRO-3 style, gathered per layer)
+* ``fsdp``      batch, and the ``embed`` dimension of every weight (ZeRO-3 style: gathered per layer at use,
+                ``hcjax.layers.gathered``, which also sidesteps an XLA partitioner bug, issue 5)
 * ``sequence``  the token axis of activations; attention is sequence-parallel (Ulysses or ring, see
                 ``hcjax.attention``); under the ``default`` rules the weights are also sharded over it, so a
                 sequence-only mesh does not replicate the 13B parameters on every device

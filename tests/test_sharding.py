@@ -185,17 +185,17 @@ def test_shard_params_plain_dict_needs_names():
 CFG = dataclasses.replace(preset("tiny").dit, attention="chunked", attention_block_q=8, attention_block_kv=8)
 
 
-def _inputs(text_len: int, seed: int = 0):
-    """Batch 2, latent (2, 4, 6): 12 video + 6 reference tokens; text with padding (5 of ``text_len`` valid)."""
+def _inputs(text_len: int, seed: int = 0, batch: int = 2):
+    """Latent (2, 4, 6): 12 video + 6 reference tokens; text with padding (5 of ``text_len`` valid in every
+    even sample, all valid in the odd ones)."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, 2, 4, 6, CFG.in_channels)).astype(np.float32)
-    t = np.array([250.0, 875.0], np.float32)
-    text = rng.standard_normal((2, text_len, CFG.text_states_dim)).astype(np.float32)
-    mask = np.zeros((2, text_len), np.int32)
-    mask[0, :5] = 1
-    mask[1, :] = 1
-    pooled = rng.standard_normal((2, CFG.text_states_dim_2)).astype(np.float32)
-    ref = rng.standard_normal((2, 1, 4, 6, CFG.in_channels)).astype(np.float32)
+    x = rng.standard_normal((batch, 2, 4, 6, CFG.in_channels)).astype(np.float32)
+    t = np.resize(np.array([250.0, 875.0, 40.0, 600.0], np.float32), batch)
+    text = rng.standard_normal((batch, text_len, CFG.text_states_dim)).astype(np.float32)
+    mask = np.ones((batch, text_len), np.int32)
+    mask[0::2, 5:] = 0
+    pooled = rng.standard_normal((batch, CFG.text_states_dim_2)).astype(np.float32)
+    ref = rng.standard_normal((batch, 1, 4, 6, CFG.in_channels)).astype(np.float32)
     return (x, t, text, mask, pooled, ref)
 
 
@@ -221,45 +221,51 @@ def tiny_params():
     return _numpy_params(CFG, 1)        # every weight non-trivial (biases, norms included)
 
 
-_REFERENCE: dict[int, np.ndarray] = {}
+_REFERENCE: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _single_device(params, text_len):
-    if text_len not in _REFERENCE:
-        _REFERENCE[text_len] = np.asarray(jax.jit(_forward(CFG))(nn.unbox(params), *_inputs(text_len)))
-    return _REFERENCE[text_len]
+def _single_device(params, text_len, batch=2):
+    if (text_len, batch) not in _REFERENCE:
+        _REFERENCE[text_len, batch] = np.asarray(
+            jax.jit(_forward(CFG))(nn.unbox(params), *_inputs(text_len, batch=batch)))
+    return _REFERENCE[text_len, batch]
 
 
-# mesh (data, fsdp, sequence, tensor), mode, kernel, text length. 18 image tokens + 7 text = 25 tokens: divisible
-# by neither degree (padded); + 6 text = 24 tokens divides both (no padding).
+# mesh (data, fsdp, sequence, tensor), mode, kernel, text length, batch. 18 image tokens + 7 text = 25 tokens:
+# divisible by neither degree (padded); + 6 text = 24 tokens divides both (no padding). Batch 4 is split over
+# data x fsdp together (issue 5: with tensor > 1 XLA miscompiled the matmuls; see ``hcjax.layers.gathered``).
 DIT_CASES = [
-    ((1, 2, 4, 1), "ulysses", "chunked", 7),
-    ((1, 2, 4, 1), "ring", "xla", 7),
-    ((2, 1, 2, 2), "ulysses", "xla", 7),
-    ((2, 1, 2, 2), "ring", "chunked", 6),
+    ((1, 2, 4, 1), "ulysses", "chunked", 7, 2),
+    ((1, 2, 4, 1), "ring", "xla", 7, 2),
+    ((2, 1, 2, 2), "ulysses", "xla", 7, 2),
+    ((2, 1, 2, 2), "ring", "chunked", 6, 2),
+    ((2, 2, 1, 2), "ulysses", "xla", 7, 4),
+    ((2, 2, 2, 1), "ring", "chunked", 6, 4),
 ]
 
 
-@pytest.mark.parametrize("shape, mode, impl, text_len", DIT_CASES, ids=lambda c: str(c))
-def test_sharded_dit_forward_equals_single_device(tiny_params, shape, mode, impl, text_len):
-    want = _single_device(tiny_params, text_len)
+@pytest.mark.parametrize("shape, mode, impl, text_len, batch", DIT_CASES, ids=lambda c: str(c))
+def test_sharded_dit_forward_equals_single_device(tiny_params, shape, mode, impl, text_len, batch):
+    want = _single_device(tiny_params, text_len, batch)
     cfg = dataclasses.replace(CFG, attention=impl)
     mesh_cfg = MeshConfig(*shape, sequence_parallel=mode)
     mesh = S.make_mesh(mesh_cfg, cfg)
     params = S.shard_params(tiny_params, mesh)
     kernel = params["double_blocks"]["img_attn_qkv"]["kernel"]
     assert kernel.addressable_shards[0].data.size < kernel.size      # parameters really are split
-    inputs = [jax.device_put(a, S.input_sharding(mesh, a.shape)) for a in _inputs(text_len)]
+    inputs = [jax.device_put(a, S.input_sharding(mesh, a.shape)) for a in _inputs(text_len, batch=batch)]
+    assert inputs[0].addressable_shards[0].data.shape[0] == batch // (shape[0] * shape[1])
     with S.use_mesh(mesh, mesh_cfg):
         fn = jax.jit(_forward(cfg))
         jaxpr = str(jax.make_jaxpr(fn)(params, *inputs))
         got = np.asarray(fn(params, *inputs))
     n_tokens = 18 + text_len
     err = float(np.abs(got - want).max())
-    print(f"{shape} {mode} {impl} tokens={n_tokens} (pad {(-n_tokens) % shape[2]}): max abs err {err:.2e} "
-          f"(max |out| {np.abs(want).max():.2f})")
+    print(f"{shape} {mode} {impl} batch={batch} tokens={n_tokens} (pad {(-n_tokens) % shape[2]}): max abs err "
+          f"{err:.2e} (max |out| {np.abs(want).max():.2f})")
     assert got.shape == want.shape and err <= TOL
-    assert ("ppermute" in jaxpr) == (mode == "ring") and ("all_to_all" in jaxpr) == (mode == "ulysses")
+    sp = shape[2] > 1
+    assert ("ppermute" in jaxpr) == (sp and mode == "ring") and ("all_to_all" in jaxpr) == (sp and mode == "ulysses")
 
 
 def test_sharded_audio_dit_forward_equals_single_device():

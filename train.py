@@ -1,6 +1,7 @@
 """hcjax training entry point: flow-matching fine-tuning of the HunyuanCustom DiT.
 
     python train.py --config configs/train_tiny.yaml --workdir RUN [--set a.b=value ...] [--resume]
+    python train.py --config configs/demo.yaml --stage vae --workdir RUN_VAE    # the VAE, from scratch
 
 Data: ``train.data.path`` is a dataset written by ``python -m hcjax.precompute`` (``train.data.mode:
 precomputed``, what large runs use) or a raw directory of mp4 + JSON clips (``mode: raw``, encoded online).
@@ -22,6 +23,9 @@ def parse(argv):
     p.add_argument("--config", required=True, help="hcjax YAML with a train: section (e.g. configs/train_tiny.yaml)")
     p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, TensorBoard)")
     p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="config override (repeatable)")
+    p.add_argument("--stage", choices=("dit", "vae"), default="dit",
+                   help="dit: flow matching of the DiT (default); vae: train the 3D causal VAE from scratch "
+                        "(vae_train: section; data: vae_train.data or train.data.path, a raw clip directory)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -41,12 +45,21 @@ def main(argv=None) -> int:
 
         maybe_initialize_distributed()
         cfg = load_config(args.config, args.set)
+        if args.stage == "vae":
+            from hcjax.vae_training import train_vae
+
+            train_vae(cfg, args.workdir, print_fn=lambda s: print(s, flush=True),
+                      progress=False if args.no_progress else None)
+            return 0
         if not cfg.train.data.path:
             raise ValueError("no training data: set train.data.path (e.g. --set train.data.path=DIR)")
         train(cfg, args.workdir, resume=args.resume, print_fn=lambda s: print(s, flush=True),
               progress=False if args.no_progress else None)
         return 0
     except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -402,6 +402,58 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+    """Training the 3D causal VAE from scratch (``train.py --stage vae``; the demo model): L1 + MSE reconstruction
+    of random ``crop`` x ``crop`` x ``frames`` windows of a raw clip directory, plus ``kl_weight`` x KL."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    frames: int = 5                    # 4k+1 frames per training window
+    crop: int = 32                     # square crop side in pixels (multiple of the spatial compression)
+    kl_weight: float = 1e-4
+    mse_weight: float = 1.0
+    init_logvar: float = -6.0          # initial posterior log-variance (quant_conv bias of the logvar half)
+    seed: int = 0
+    log_every: int = 50
+    data: str = ""                     # raw clip directory (mp4 files); default: train.data.path
+
+    def validate(self, where: str = "vae_train") -> None:
+        for f in ("steps", "batch_size", "frames", "crop", "log_every"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"{where}.{f}={getattr(self, f)} must be >= 1")
+        if (self.frames - 1) % 4:
+            raise ConfigError(f"{where}.frames={self.frames}: the causal VAE needs 4k+1 frames (1, 5, 9, ...)")
+        if self.learning_rate <= 0 or self.kl_weight < 0 or self.mse_weight < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"{where}: need learning_rate > 0 and kl_weight, mse_weight, warmup_steps >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Defaults of ``sample.py`` for this model (each is a CLI flag; the flag wins). Released presets: 720p."""
+
+    video_size: tuple[int, int] = (720, 1280)
+    frames: int = 129
+    steps: int = 30
+    flow_shift: float = 13.0
+    cfg_scale: float = 7.5
+    fps: int = 25
+    ref_image: str = ""                # path relative to the repository root ("" : assets/demo_subject.png)
+    pos_prompt: str = "Realistic, High-quality. The object moves across the scene."
+    item_name: str = "object"
+
+    def validate(self, where: str = "sample") -> None:
+        h, w = self.video_size
+        if h < 16 or w < 16 or h % 16 or w % 16:
+            raise ConfigError(f"{where}.video_size={list(self.video_size)}: need multiples of 16")
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ConfigError(f"{where}.frames={self.frames}: need 4k+1 frames")
+        if self.steps < 1 or self.flow_shift <= 0 or self.fps < 1:
+            raise ConfigError(f"{where}: need steps >= 1, flow_shift > 0 and fps >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     dit: DiTConfig = DiTConfig()
     vae: VAEConfig = VAEConfig()
@@ -412,6 +464,8 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     whisper: WhisperConfig = WhisperConfig()
     train: TrainConfig = TrainConfig()
+    vae_train: VAETrainConfig = VAETrainConfig()
+    sample: SampleConfig = SampleConfig()
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

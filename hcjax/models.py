@@ -1,8 +1,9 @@
 """Loading everything sampling needs (``pipeline.Models``) from one of three sources.
 
-1. **Embedded default** (no weights given): ``configs/default_tiny.yaml`` with randomly initialised weights
-   (seeded) and the bundled tiny tokenizers in ``assets/tiny_tokenizers``. Runs anywhere with no downloads;
-   its output is noise by construction.
+1. **Embedded default** (no weights given): the demo model ``assets/demo/model`` (an hcjax bundle as in 2,
+   trained by ``python -m hcjax.demo build``, see ``configs/demo.yaml``). With a ``config`` instead, that preset
+   with randomly initialised weights (seeded) and the bundled tiny tokenizers in ``assets/tiny_tokenizers``
+   (``configs/default_tiny.yaml``: every component at toy width; its output is noise by construction).
 2. **hcjax bundle** (``--ckpt-dir DIR`` with ``DIR/dit``, ``DIR/vae``, ``DIR/llava``, ``DIR/clip`` and, for the
    audio model, ``DIR/whisper``): each an hcjax checkpoint (``config.json`` + ``params/``); ``llava``/``clip``/
    ``whisper`` also hold the tokenizer / preprocessor files.
@@ -26,7 +27,10 @@ from .pipeline import Models
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TOKENIZERS = ROOT / "assets" / "tiny_tokenizers"
-DEFAULT_CONFIG = PRESET_DIR / "default_tiny.yaml"
+DEFAULT_CONFIG = PRESET_DIR / "default_tiny.yaml"      # random-weights preset (tests, pipeline smoke runs)
+DEMO_BUNDLE = ROOT / "assets" / "demo" / "model"       # the embedded default
+DEMO_HINT = ("recreate it with `python -m hcjax.demo build --workdir RUN` (about 40 minutes on a 2-core CPU; "
+             "see README 'Demo model'), or pass --ckpt-dir, or --config configs/default_tiny.yaml for random weights")
 ORIGINAL_DIT = {"image": "hunyuancustom_720P", "audio": "hunyuancustom_audio_720P",
                 "editing": "hunyuancustom_editing_720P"}
 ORIGINAL_PRESET = {"image": "hunyuancustom_720p.yaml", "audio": "hunyuancustom_720p_audio.yaml",
@@ -67,6 +71,16 @@ def random_models(cfg: Config | None = None, seed: int = 0, tokenizers: Path = T
     return Models(cfg, random_params(lambda k: dit.init_params(cfg.dit, k), seed),
                   random_params(lambda k: vae.init_params(cfg, k), seed + 1), text,
                   wparams, whisper.feature_extractor(None) if cfg.dit.audio_condition else None)
+
+
+def demo_bundle() -> Path:
+    """The demo bundle, or a clear error when it is missing (e.g. a partial clone)."""
+    missing = [c for c in ("dit", "vae", "llava", "clip") if not (DEMO_BUNDLE / c / "params").is_dir()
+               or not (DEMO_BUNDLE / c / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"the embedded demo model {DEMO_BUNDLE} is missing or incomplete (no "
+                                f"{', '.join(missing)}; a partial clone?): {DEMO_HINT}")
+    return DEMO_BUNDLE
 
 
 def is_bundle(d: Path) -> bool:
@@ -164,8 +178,10 @@ def convert_original(models_dir: Path, variant: str | None = None, dtype: str = 
 
 def resolve_config(ckpt_dir: str | Path | None, config: str | Path | None = None, overrides=()) -> Config:
     """The config :func:`load_models` would use, without loading any weights (for early validation)."""
+    if ckpt_dir is None and config is None:
+        return _with_overrides(load_checkpoint_config(demo_bundle() / "dit"), overrides)
     if ckpt_dir is None:
-        return load_config(config or DEFAULT_CONFIG, overrides)
+        return load_config(config, overrides)
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"--ckpt-dir {d} does not exist")
@@ -192,10 +208,12 @@ def _with_overrides(cfg: Config, overrides) -> Config:
 
 def load_models(ckpt_dir: str | Path | None, config: str | Path | None = None, overrides=(), seed: int = 0,
                 variant: str | None = None) -> Models:
-    """Dispatch on the source (module docstring). ``config``/``overrides`` apply to the embedded default."""
+    """Dispatch on the source (module docstring): the demo bundle when neither ``ckpt_dir`` nor ``config`` is given,
+    random weights of ``config`` without ``ckpt_dir``. ``overrides`` apply in every case."""
+    if ckpt_dir is None and config is None:
+        return load_bundle(demo_bundle(), overrides)
     if ckpt_dir is None:
-        cfg = load_config(config or DEFAULT_CONFIG, overrides)
-        return random_models(cfg, seed)
+        return random_models(load_config(config, overrides), seed)
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"--ckpt-dir {d} does not exist")

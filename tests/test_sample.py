@@ -1,4 +1,5 @@
-"""End-to-end sampling on tiny random weights: CLI (subprocess) and generate() for image, audio, editing modes."""
+"""End-to-end sampling: the CLI (subprocess) on the embedded demo model and on tiny random weights
+(``--config configs/default_tiny.yaml``), and generate() for image, audio, editing modes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hcjax.pipeline import Request, generate
 from tests.conftest import ROOT
 
 SMALL = dict(video_size=(32, 48), frames=5, steps=2)
+TINY = "configs/default_tiny.yaml"
 
 
 def _cli(*args, timeout=600):
@@ -34,6 +36,8 @@ def test_cli_image_mode_writes_mp4_and_settings(tmp_path):
     assert frames.shape == (5, 32, 48, 3)
     settings = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert settings["seed"] == 7 and settings["frames_written"] == 5 and settings["embedded_default"] is True
+    assert settings["random_weights"] is False and settings["cfg_scale"] == load_config(
+        ROOT / "configs/demo.yaml").sample.cfg_scale    # the demo model's defaults
     assert "s/step" in r.stderr or "s/step" in r.stdout
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -55,6 +59,15 @@ def test_cli_bad_input_exit_2_and_no_output(tmp_path, args, message):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not list(out.glob("*.mp4")) if out.exists() else True
+
+
+def test_missing_demo_model_says_how_to_recreate_it(tmp_path, monkeypatch):
+    (tmp_path / "dit").mkdir()
+    monkeypatch.setattr(M, "DEMO_BUNDLE", tmp_path)
+    for fn in (M.resolve_config, M.load_models):
+        with pytest.raises(FileNotFoundError, match=r"missing or incomplete .*python -m hcjax.demo build"):
+            fn(None)
+    assert M.resolve_config(None, TINY).dit.hidden_size == 64         # --config: random weights, no demo needed
 
 
 def test_cli_audio_flag_with_image_checkpoint(tmp_path):
@@ -134,7 +147,8 @@ def test_generate_editing_mode(tmp_path):
 def test_cli_audio_and_editing_modes(tmp_path):
     wav = tmp_path / "a.wav"
     _write_wav(wav, 1.0)
-    r = _cli("--save-path", str(tmp_path / "audio"), "--set", "dit.audio_condition=true", "--input-audio", str(wav),
+    r = _cli("--save-path", str(tmp_path / "audio"), "--config", TINY, "--set", "dit.audio_condition=true",
+             "--input-audio", str(wav),
              "--video-size", "32", "32", "--sample-n-frames", "5", "--infer-steps", "2")
     assert r.returncode == 0, r.stderr
     mp4 = next((tmp_path / "audio").glob("*.mp4"))
@@ -148,7 +162,7 @@ def test_cli_audio_and_editing_modes(tmp_path):
     mask = np.zeros((5, 32, 48, 3), np.uint8)
     mask[:, 8:24, 16:32] = 255
     write_video(tmp_path / "m.mp4", mask, crf="0")
-    r = _cli("--save-path", str(tmp_path / "edit"), "--set", "dit.video_condition=true",
+    r = _cli("--save-path", str(tmp_path / "edit"), "--config", TINY, "--set", "dit.video_condition=true",
              "--input-video", str(tmp_path / "v.mp4"), "--mask-video", str(tmp_path / "m.mp4"), "--infer-steps", "2")
     assert r.returncode == 0, r.stderr
     assert read_video(next((tmp_path / "edit").glob("*.mp4"))).shape == (5, 32, 48, 3)

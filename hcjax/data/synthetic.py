@@ -67,12 +67,17 @@ def render(shape: str, texture: str, color, cx: float, cy: float, r: float, heig
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_clip(rng: np.random.Generator, frames: int, height: int, width: int):
-    """Frames, reference image and metadata of one random clip."""
+def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
+              subject: tuple[str, str, str] | None = None, direction: str | None = None):
+    """Frames, reference image and metadata of one random clip; ``subject`` = ``(color, texture, shape)`` and
+    ``direction`` fix those choices (the random draws are made either way, so other choices do not change)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
-    direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+    drawn = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+    if subject is not None:
+        color, texture, shape = subject
+    direction = direction or drawn
     r = min(height, width) * rng.uniform(0.18, 0.26)
     ux, uy = DIRECTIONS[direction]
     margin = r * 1.05

@@ -1,0 +1,163 @@
+"""Training the 3D causal VAE from scratch: ``python train.py --config C --stage vae --workdir RUN``.
+
+The original release ships a trained VAE and no VAE training code; this exists for small models (the demo,
+``configs/demo.yaml``) whose VAE has no released weights. Objective per window: ``L1 + mse_weight * MSE`` of the
+reconstruction of a posterior sample, plus ``kl_weight * KL(q(z|x) || N(0, 1))`` (means over elements). Windows
+are random ``vae_train.frames x crop x crop`` crops of the clips of a raw dataset directory (all decoded once
+into memory: meant for small datasets). AdamW with warmup + cosine decay (optax), one jitted step.
+
+Writes ``RUN/params`` (an hcjax checkpoint, :func:`hcjax.checkpoint.save_params`, whose config carries the
+measured ``vae.scaling_factor`` = 1 / std of the latent means over the data) and ``RUN/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import vae
+from .config import Config
+
+log = logging.getLogger("hcjax.vae_training")
+
+
+def load_clips(data_dir: str | Path, limit: int | None = None) -> np.ndarray:
+    """Every ``*.mp4`` of ``data_dir`` decoded to ``uint8 [N, F, H, W, 3]`` (all clips must share their shape)."""
+    from .data.video_io import decode_frames, probe
+
+    paths = sorted(Path(data_dir).glob("*.mp4"))[:limit]
+    if not paths:
+        raise FileNotFoundError(f"vae training data: no .mp4 files in {data_dir}")
+    clips = [decode_frames(p, np.arange(probe(p).frames)) for p in paths]
+    shapes = {c.shape for c in clips}
+    if len(shapes) != 1:
+        raise ValueError(f"vae training data {data_dir}: clips differ in shape {sorted(shapes)}; use one size")
+    return np.stack(clips)
+
+
+def sample_windows(clips: np.ndarray, rng: np.random.Generator, batch: int, frames: int, crop: int) -> np.ndarray:
+    """Random ``[batch, frames, crop, crop, 3]`` windows in [-1, 1] (random clip, start frame, position)."""
+    n, f, h, w, _ = clips.shape
+    if frames > f or crop > min(h, w):
+        raise ValueError(f"vae_train window {frames}x{crop}x{crop} does not fit the clips ({f} frames {h}x{w})")
+    out = np.empty((batch, frames, crop, crop, 3), np.float32)
+    for b in range(batch):
+        i, t = rng.integers(n), rng.integers(f - frames + 1)
+        y, x = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
+        out[b] = clips[i, t:t + frames, y:y + crop, x:x + crop]
+    return out / 127.5 - 1.0
+
+
+def init_params(cfg: Config, seed: int) -> dict:
+    """Random weights (:func:`hcjax.precompute.random_params`) with the posterior log-variance starting at
+    ``vae_train.init_logvar`` (a narrow posterior: reconstructions learn from the start instead of fighting unit
+    noise on the latents)."""
+    from .precompute import random_params
+
+    params = random_params(vae.abstract_params(cfg.vae), seed)
+    bias = params["quant_conv"]["bias"]
+    bias[cfg.vae.latent_channels:] = cfg.vae_train.init_logvar
+    return jax.tree.map(jnp.asarray, params)
+
+
+def vae_loss(params, x, key, cfg: Config):
+    model = vae.AutoencoderKLCausal3D(cfg.vae)
+    mean, logvar = model.apply({"params": params}, x, method="encode")
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    y = model.apply({"params": params}, z, method="decode").astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(y - x))
+    mse = jnp.mean(jnp.square(y - x))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    vc = cfg.vae_train
+    return l1 + vc.mse_weight * mse + vc.kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    vc = cfg.vae_train
+    warm = min(max(vc.warmup_steps, 1), vc.steps - 1) if vc.steps > 1 else 0
+    schedule = optax.warmup_cosine_decay_schedule(0.0, vc.learning_rate, warm, max(vc.steps, warm + 1),
+                                                  end_value=0.05 * vc.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def make_step(cfg: Config, optimizer) -> Callable:
+    def step(params, opt_state, x, key):
+        (loss, parts), grads = jax.value_and_grad(vae_loss, has_aux=True)(params, x, key, cfg)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, dict(parts, loss=loss)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def measure_scaling(params, cfg: Config, clips: np.ndarray, max_clips: int = 64) -> float:
+    """``1 / std`` of the (unscaled) latent means of up to ``max_clips`` whole clips: the latent scaling factor."""
+    model = vae.AutoencoderKLCausal3D(cfg.vae)
+    enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+    f = 1 + 4 * ((clips.shape[1] - 1) // 4)
+    means = [np.asarray(enc(params, clips[i:i + 8, :f].astype(np.float32) / 127.5 - 1.0))
+             for i in range(0, min(len(clips), max_clips), 8)]
+    return float(1.0 / np.concatenate(means).std())
+
+
+def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, progress: bool | None = None) -> Path:
+    """Train ``cfg.vae`` on ``cfg.vae_train`` (data: ``vae_train.data`` or ``train.data.path``); returns the
+    checkpoint dir ``workdir/params``."""
+    from tqdm import tqdm
+
+    from .checkpoint import save_params
+    from .precompute import random_params
+
+    vc = cfg.vae_train
+    workdir = Path(workdir)
+    out = workdir / "params"
+    if out.exists():
+        raise FileExistsError(f"{out} exists: the VAE of this run is already trained (choose another --workdir)")
+    s = cfg.vae.spatial_compression_ratio
+    if vc.crop % s:
+        raise ValueError(f"vae_train.crop={vc.crop} must be a multiple of the spatial compression {s}")
+    data = vc.data or cfg.train.data.path
+    if not data:
+        raise ValueError("no VAE training data: set vae_train.data (or train.data.path) to a raw clip directory")
+    t0 = time.perf_counter()
+    clips = load_clips(data)
+    print_fn(f"vae: {clips.shape[0]} clips of {clips.shape[1]} frames {clips.shape[3]}x{clips.shape[2]} "
+             f"loaded in {time.perf_counter() - t0:.1f}s")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    params = init_params(cfg, vc.seed)
+    print_fn(f"vae: {vae.count_params(params) / 1e6:.2f}M parameters, {vc.steps} steps of batch {vc.batch_size} "
+             f"({vc.frames}x{vc.crop}x{vc.crop} windows)")
+    optimizer = make_optimizer(cfg)
+    opt_state = optimizer.init(params)
+    step = make_step(cfg, optimizer)
+    rng = np.random.default_rng(vc.seed)
+    key = jax.random.key(vc.seed)
+    bar = tqdm(range(vc.steps), desc="vae", unit="step", disable=progress is False)
+    with (workdir / "metrics.jsonl").open("a") as metrics:
+        for i in bar:
+            x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop)
+            params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(key, i))
+            if (i + 1) % vc.log_every == 0 or i + 1 == vc.steps:
+                m = {k: float(v) for k, v in m.items()}
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(f"vae training: non-finite loss at step {i + 1}: {m}")
+                metrics.write(json.dumps(dict(step=i + 1, time_s=time.perf_counter() - t0, **m)) + "\n")
+                metrics.flush()
+                bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.3f}")
+                if progress is False:
+                    print_fn(f"vae step {i + 1}: l1 {m['l1']:.4f} mse {m['mse']:.5f} kl {m['kl']:.3f}")
+    scale = measure_scaling(params, cfg, clips)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale))
+    save_params(out, jax.device_get(params), cfg)
+    print_fn(f"vae: trained in {time.perf_counter() - t0:.0f}s; scaling_factor {scale:.4f}; wrote {out}")
+    return out

@@ -120,8 +120,10 @@ def tokenizer_corpus() -> list[str]:
     return caps + [PROMPT_TEMPLATE.format("") + "\nThe person looks like"]
 
 
-def make_llava_tokenizer(out: Path, base_vocab: int = 500) -> Path:
-    """Llama-3-style byte-level BPE trained on the template and captions; ``<image>`` = 500, ``<pad>`` = 501."""
+def make_llava_tokenizer(out: Path, base_vocab: int = 500, corpus=None) -> Path:
+    """Llama-3-style byte-level BPE (BOS via the post-processor) trained on ``corpus`` (default: the template and
+    the demo captions), ``<image>`` = ``base_vocab`` and ``<pad>`` = ``base_vocab + 1``; saved as a transformers
+    fast tokenizer. The tests' tiny tokenizers are built with it too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -131,7 +133,7 @@ def make_llava_tokenizer(out: Path, base_vocab: int = 500) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=base_vocab, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer)
     if tok.get_vocab_size() < base_vocab:
         tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(base_vocab - tok.get_vocab_size())])
     tok.add_special_tokens(["<image>", "<pad>"])

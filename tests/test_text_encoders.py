@@ -30,7 +30,6 @@ from hcjax.conditioning.llama import LlamaModel
 from hcjax.config import Config, load_config, preset
 
 TOL = 1e-4  # max abs error vs the fp32 PyTorch reference (measured ~1e-6)
-LLAMA_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 PROMPT = "A man walks a dog in the park. Realistic, High-quality."
 NEGATIVE = "blurry, low quality"
 
@@ -40,24 +39,10 @@ NEGATIVE = "blurry, low quality"
 
 def make_llava_tokenizer(path: Path, base_vocab: int = 500) -> Path:
     """Llama-3-like byte-level BPE (BOS via post-processor) + ``<image>`` and ``<pad>`` as added specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from hcjax.demo import make_llava_tokenizer as build
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [L.PROMPT_TEMPLATE.format(PROMPT), "\nThe object looks like", "\nThe person looks like"] * 3
-    trainer = trainers.BpeTrainer(vocab_size=base_vocab, special_tokens=LLAMA_SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    if tok.get_vocab_size() < base_vocab:
-        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(base_vocab - tok.get_vocab_size())])
-    tok.add_special_tokens(["<image>", "<pad>"])
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", 0)])
-    fast = hf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                      eos_token="<|end_of_text|>", pad_token="<pad>")
-    fast.save_pretrained(str(path))
-    return path
+    return build(path, base_vocab, corpus)
 
 
 def make_clip_tokenizer(path: Path) -> Path:

@@ -418,6 +418,9 @@ class VAETrainConfig:
     seed: int = 0
     log_every: int = 50
     data: str = ""                     # raw clip directory (mp4 files); default: train.data.path
+    init_from: str = ""                # hcjax VAE checkpoint to continue from ("" : random init)
+    finetune_steps: int = 0            # hcjax.demo: a second run continuing the first (fresh optimizer, seed + 1)
+    finetune_learning_rate: float = 1e-3
 
     def validate(self, where: str = "vae_train") -> None:
         for f in ("steps", "batch_size", "frames", "crop", "log_every"):
@@ -562,7 +565,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         where = str(path)
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text()     # a run's config.json too (JSON writes 1e-06, which YAML 1.1 reads as a string)
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -6,7 +6,8 @@ Stages (each skipped when its output in ``RUN`` exists, so an interrupted build 
               :data:`HELD_OUT` subjects never appear in training (they are the evaluation set);
 2. ``text``   the text towers: a LLaVA BPE tokenizer trained on the prompt template and the synthetic captions,
               the bundled char-level CLIP tokenizer, and seeded random (frozen) LLaVA / CLIP text weights;
-3. ``vae``    the 3D causal VAE trained from scratch (``train.py --stage vae``);
+3. ``vae``    the 3D causal VAE trained from scratch (``train.py --stage vae``), then ``vae_finetune``: a second
+              run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer);
 4. ``latents`` ``python -m hcjax.precompute`` with that VAE and those text towers;
 5. ``dit``    ``train.py`` (flow matching) on the cached latents;
 6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
@@ -214,6 +215,14 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     vcfg = dataclasses.replace(cfg, vae_train=dataclasses.replace(cfg.vae_train, data=str(data)))
     _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
                                                                      progress=False), print_fn)
+    vc = cfg.vae_train
+    if vc.finetune_steps:      # a second run from the first one's weights (warm restart of the schedule)
+        first, vae_run = vae_run, workdir / "vae_finetune"
+        fcfg = dataclasses.replace(vcfg, vae_train=dataclasses.replace(
+            vcfg.vae_train, init_from=str(first / "params"), steps=vc.finetune_steps,
+            learning_rate=vc.finetune_learning_rate, seed=vc.seed + 1))
+        _stage("vae_finetune", vae_run / "params", lambda: vae_training.train_vae(
+            fcfg, vae_run, print_fn=print_fn, progress=False), print_fn)
     scale = load_checkpoint_config(vae_run / "params").vae.scaling_factor
     dc = dataclasses.replace(cfg.train.data, vae_weights=str(vae_run / "params"), llava_dir=str(text / "llava"),
                              clip_dir=str(text / "clip"), path=str(cache))

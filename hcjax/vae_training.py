@@ -134,7 +134,13 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
              f"loaded in {time.perf_counter() - t0:.1f}s")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    params = init_params(cfg, vc.seed)
+    if vc.init_from:
+        from .checkpoint import load_params
+
+        params = jax.tree.map(jnp.asarray, load_params(vc.init_from))
+        print_fn(f"vae: continuing from {vc.init_from}")
+    else:
+        params = init_params(cfg, vc.seed)
     print_fn(f"vae: {vae.count_params(params) / 1e6:.2f}M parameters, {vc.steps} steps of batch {vc.batch_size} "
              f"({vc.frames}x{vc.crop}x{vc.crop} windows)")
     optimizer = make_optimizer(cfg)

@@ -88,3 +88,15 @@ def test_mesh_checked_at_config_load():
     with pytest.raises(ConfigError, match="fits neither Ulysses nor ring"):
         load_config(ROOT / "configs/hunyuancustom_720p.yaml", ["mesh.sequence=16", "dit.attention=splash"])
     assert load_config(ROOT / "configs/hunyuancustom_720p.yaml", ["mesh.sequence=8"]).mesh.sequence == 8
+
+
+def test_a_runs_config_json_loads_back(tmp_path):
+    """train.py writes RUN/config.json; --config accepts it (YAML alone would read JSON's 1e-06 as a string)."""
+    import json
+
+    from hcjax.config import to_dict
+
+    cfg = preset("demo")
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert '1e-06' in (tmp_path / "config.json").read_text()
+    assert load_config(tmp_path / "config.json") == cfg

@@ -122,6 +122,15 @@ def test_vae_stage_trains(tmp_path):
                         ("trained", load_params(tmp_path / "run" / "params")))}
     print("vae reconstruction L1", err)
     assert err["trained"] < 0.7 * err["init"], err
+    # continuing from those weights (the demo's finetune run) starts from them, not from a fresh init
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "--stage", "vae", "--workdir",
+                        str(tmp_path / "cont"), "--no-progress", "--set", f"vae_train.data={tmp_path / 'data'}",
+                        "--set", f"vae_train.init_from={tmp_path / 'run' / 'params'}", "--set", "vae_train.steps=1",
+                        "--set", "vae_train.learning_rate=1e-9", "--set", "vae_train.crop=16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "continuing from" in r.stdout, r.stderr
+    cont = float(np.abs(np.asarray(recon(load_params(tmp_path / "cont" / "params"))) - x).mean())
+    assert abs(cont - err["trained"]) < 1e-4
     r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "--stage", "vae", "--workdir",
                         str(tmp_path / "run2"), "--set", f"vae_train.data={tmp_path / 'nothing'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

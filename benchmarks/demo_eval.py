@@ -65,14 +65,15 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, print_fn=print) ->
     models = demo.load_demo(bundle)
     videos = demo.generate_eval(models, pairs, seed=seed, steps=steps)
     gen_s = time.perf_counter() - t0
-    report = demo.evaluate_videos(videos, refs, dirs)
+    colors = [p["subject"][0] for p in pairs]
+    report = demo.evaluate_videos(videos, refs, dirs, colors)
     rng = np.random.default_rng(seed)
     shuffled = [list(synthetic.DIRECTIONS)[(list(synthetic.DIRECTIONS).index(d) + rng.integers(1, 4)) % 4]
                 for d in dirs]
     report["motion_accuracy_vs_wrong_prompt"] = demo.evaluate_videos(videos, refs, shuffled)["motion_accuracy"]
-    truth = demo.evaluate_videos(ground_truth_videos(pairs), refs, dirs)
-    report["ground_truth"] = {k: truth[k] for k in ("identity_accuracy", "motion_accuracy", "silhouette_iou",
-                                                    "area_cv")}
+    truth = demo.evaluate_videos(ground_truth_videos(pairs), refs, dirs, colors)
+    report["ground_truth"] = {k: truth[k] for k in ("identity_accuracy", "color_accuracy", "motion_accuracy",
+                                                    "silhouette_iou", "area_cv")}
     report["generate_s"] = gen_s
     report["seed"] = seed
     return report, videos, refs, pairs
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     print(f"{n} held-out pairs, generated in {report['generate_s']:.0f}s")
     print(f"identity accuracy   {report['identity_accuracy']:.1%}  (chance {report['identity_chance']:.1%}, "
           f"generator's own clips {report['ground_truth']['identity_accuracy']:.1%})")
+    print(f"colour accuracy     {report['color_accuracy']:.1%}  (the reference nearest by colour alone has the "
+          f"right colour; generator's own clips {report['ground_truth']['color_accuracy']:.1%})")
     print(f"motion accuracy     {report['motion_accuracy']:.1%}  (chance 25%, vs a wrong prompt "
           f"{report['motion_accuracy_vs_wrong_prompt']:.1%}, generator's own clips "
           f"{report['ground_truth']['motion_accuracy']:.1%})")

@@ -289,7 +289,8 @@ def centroid(mask: np.ndarray) -> np.ndarray | None:
     return None if len(ys) == 0 else np.array([xs.mean(), ys.mean()])
 
 
-def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions: list[str]) -> dict:
+def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions: list[str],
+                    colors: list[str] | None = None) -> dict:
     """Identity, motion and temporal-consistency figures of generated ``uint8 [F, H, W, 3]`` videos.
 
     identity: the video's subject (per frame descriptor, median distance over frames) is nearest to its own
@@ -297,13 +298,18 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
     prompted direction (the largest dot product of the four); consistency: mean IoU of consecutive frames'
     silhouettes and the coefficient of variation of the subject's area over frames."""
     ref_desc = [descriptor(r) for r in refs]
-    ident, motion, ious, area_cv, per = [], [], [], [], []
+    ident, same_color, motion, ious, area_cv, per = [], [], [], [], [], []
     for i, (video, d) in enumerate(zip(videos, directions)):
         masks = foreground(video)
         descs = [descriptor(f) for f in video]
         dists = np.array([[distance(fd, rd) if fd is not None else np.inf for rd in ref_desc] for fd in descs])
         med = np.median(dists, axis=0)
         ident.append(bool(np.isfinite(med[i]) and int(np.argmin(med)) == i))
+        # the looser figure: the nearest reference by colour alone has the reference's colour
+        cols = [fd["color"] for fd in descs if fd is not None]
+        near = int(np.argmin([np.abs(np.median(cols, axis=0) - rd["color"]).sum() for rd in ref_desc])) if cols else -1
+        same_color.append(near >= 0 and bool(np.abs(ref_desc[near]["color"] - ref_desc[i]["color"]).sum() < 1e-6
+                                             or (colors is not None and colors[near] == colors[i])))
         c0, c1 = centroid(masks[0]), centroid(masks[-1])
         if c0 is None or c1 is None:
             moved = None
@@ -322,7 +328,8 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
                     "displacement": None if moved is None else [round(float(v), 2) for v in moved],
                     "silhouette_iou": round(ious[-1], 3), "area_cv": round(area_cv[-1], 3)})
     n = len(videos)
-    return {"n": n, "identity_accuracy": sum(ident) / n, "motion_accuracy": sum(motion) / n,
+    return {"n": n, "identity_accuracy": sum(ident) / n, "color_accuracy": sum(same_color) / n,
+            "motion_accuracy": sum(motion) / n,
             "identity_chance": 1.0 / len(refs), "motion_chance": 0.25,
             "silhouette_iou": float(np.mean(ious)), "area_cv": float(np.mean(area_cv)), "per_video": per}
 

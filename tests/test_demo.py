@@ -20,6 +20,11 @@ import demo_eval  # noqa: E402
 
 PAIRS = demo.eval_pairs()
 DIRS = [p["direction"] for p in PAIRS]
+COLORS = [p["subject"][0] for p in PAIRS]
+# Measured on the committed model (benchmarks/demo_eval.py, seed 0, 24 pairs): identity 5/24, colour 9/24,
+# motion 22/24, wrong-prompt motion 0/24, silhouette IoU 0.77. Thresholds: 3x chance (identity 1/24, motion 1/4),
+# colour ~2x its chance (1/7 if colour were ignored); all well below what was measured.
+IDENTITY_MIN, COLOR_MIN, MOTION_MIN, IOU_MIN = 3 / 24, 6 / 24, 0.75, 0.65
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,8 @@ def test_metrics_on_the_generators_own_clips(refs):
     """Independent data (the synthetic generator): its clips score perfectly; reversed in time, the motion
     metric must fail every one; a video paired with another subject's reference must fail identity."""
     videos = demo_eval.ground_truth_videos(PAIRS)
-    good = demo.evaluate_videos(videos, refs, DIRS)
-    assert good["identity_accuracy"] == 1.0 and good["motion_accuracy"] == 1.0
+    good = demo.evaluate_videos(videos, refs, DIRS, COLORS)
+    assert good["identity_accuracy"] == 1.0 and good["motion_accuracy"] == 1.0 and good["color_accuracy"] == 1.0
     assert good["silhouette_iou"] > 0.9 and good["area_cv"] < 0.05
     assert demo.evaluate_videos([v[::-1] for v in videos], refs, DIRS)["motion_accuracy"] == 0.0
     rolled = demo.evaluate_videos(videos[1:] + videos[:1], refs, DIRS)
@@ -68,12 +73,13 @@ def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
     """The trained demo on all held-out pairs with fixed seeds (measured figures: see README 'Demo model')."""
     models = demo.load_demo()
     videos = demo.generate_eval(models, PAIRS, seed=0)
-    r = demo.evaluate_videos(videos, refs, DIRS)
+    r = demo.evaluate_videos(videos, refs, DIRS, COLORS)
     shuffled = [DIRS[(i + 1) % len(DIRS)] for i in range(len(DIRS))]   # a different direction each
     wrong = demo.evaluate_videos(videos, refs, shuffled)
     print(json.dumps({k: v for k, v in r.items() if k != "per_video"}), "wrong prompt motion",
           wrong["motion_accuracy"])
     assert r["identity_accuracy"] >= IDENTITY_MIN       # chance: 1/24
+    assert r["color_accuracy"] >= COLOR_MIN
     assert r["motion_accuracy"] >= MOTION_MIN           # chance: 1/4
     assert wrong["motion_accuracy"] <= 0.25             # the motion follows the prompt, not a fixed drift
     assert r["silhouette_iou"] >= IOU_MIN

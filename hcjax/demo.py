@@ -244,7 +244,6 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
-    write_eval_references(out.parent if out == DEMO_BUNDLE.absolute() else out / "eval_refs")
     print_fn(f"demo bundle written to {out} in {time.perf_counter() - t0:.0f}s total "
              f"({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     return out

@@ -307,8 +307,7 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
         # the looser figure: the nearest reference by colour alone has the reference's colour
         cols = [fd["color"] for fd in descs if fd is not None]
         near = int(np.argmin([np.abs(np.median(cols, axis=0) - rd["color"]).sum() for rd in ref_desc])) if cols else -1
-        same_color.append(near >= 0 and bool(np.abs(ref_desc[near]["color"] - ref_desc[i]["color"]).sum() < 1e-6
-                                             or (colors is not None and colors[near] == colors[i])))
+        same_color.append(near >= 0 and (colors[near] == colors[i] if colors else near == i))
         c0, c1 = centroid(masks[0]), centroid(masks[-1])
         if c0 is None or c1 is None:
             moved = None

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,7 +114,6 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
     from tqdm import tqdm
 
     from .checkpoint import save_params
-    from .precompute import random_params
 
     vc = cfg.vae_train
     workdir = Path(workdir)

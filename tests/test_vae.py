@@ -186,6 +186,37 @@ def test_tiled_decode_memory_flat_in_length(tiny):
     assert host[17] / host[9] - 1 < 0.10
 
 
+# --------------------------------------------------------------------------------------------- conv3d
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [
+    ((2, 7, 12, 10, 5), (3, 3, 3, 5, 6), (1, 1, 1)),     # resnet conv
+    ((2, 9, 12, 10, 5), (3, 3, 3, 5, 6), (2, 2, 2)),     # time + space downsample
+    ((1, 8, 8, 8, 4), (3, 3, 3, 4, 4), (1, 2, 2)),       # space-only downsample
+    ((1, 5, 6, 6, 3), (1, 3, 3, 3, 2), (1, 1, 1)),       # one temporal tap
+])
+def test_conv3d_taps_matches_torch_conv3d(shape, kernel, stride):
+    """The CPU path (temporal taps folded into a 2D conv) and XLA's native 3D conv against torch's conv3d,
+    values and gradients."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(kernel).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 4, 1, 2, 3), requires_grad=True)
+    wt = torch.tensor(w.transpose(4, 3, 0, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.conv3d(xt, wt, stride=stride)
+    yt.square().sum().backward()
+    ref = yt.detach().numpy().transpose(0, 2, 3, 4, 1)
+    for impl in ("taps", "native"):
+        out = vae.conv3d(jnp.asarray(x), jnp.asarray(w), stride, impl)
+        gx, gw = jax.grad(lambda a, b: jnp.sum(vae.conv3d(a, b, stride, impl) ** 2), argnums=(0, 1))(x, w)
+        assert out.shape == ref.shape
+        for got, want in ((out, ref), (gx, xt.grad.numpy().transpose(0, 2, 3, 4, 1)),
+                          (gw, wt.grad.numpy().transpose(2, 3, 4, 1, 0))):
+            assert err(got, want) <= 2e-6 * np.abs(want).max(), impl
+    with pytest.raises(ValueError, match="impl"):
+        vae.conv3d(jnp.asarray(x), jnp.asarray(w), stride, "im2col")
+
+
 # --------------------------------------------------------------------------------------------- attention
 
 

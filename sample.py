@@ -35,7 +35,7 @@ def parse(argv=None):
     a("--infer-steps", type=int, default=None, help="default 30 (editing: 50; demo: 20)")
     a("--flow-shift-eval-video", type=float, default=None, help="default 13 (editing: 5; demo: 3)")
     a("--cfg-scale", type=float, default=None, help="default 7.5 (demo: 4)")
-    a("--ip-cfg-scale", type=float, default=0.0)
+    a("--ip-cfg-scale", type=float, default=None, help="image guidance, image model only (default 0 = off; demo: 3)")
     a("--use-deepcache", type=int, default=1, choices=[0, 1])
     a("--seed", type=int, default=1024)
     a("--save-path", default="outputs", help="output directory")
@@ -81,7 +81,8 @@ def run(args) -> Path:
         item_name=pick(args.item_name, sc.item_name), video_size=tuple(args.video_size or sc.video_size),
         frames=args.sample_n_frames or sc.frames, steps=args.infer_steps or sc.steps,
         flow_shift=args.flow_shift_eval_video or sc.flow_shift, cfg_scale=cfg_scale,
-        ip_cfg_scale=args.ip_cfg_scale, use_deepcache=bool(args.use_deepcache), seed=args.seed,
+        ip_cfg_scale=pick(args.ip_cfg_scale, sc.ip_cfg_scale), use_deepcache=bool(args.use_deepcache),
+        seed=args.seed,
         input_audio=args.input_audio, audio_strength=args.audio_strength, input_video=args.input_video,
         mask_video=args.mask_video, expand_scale=args.expand_scale, fps=pick(args.fps, sc.fps))
     validate_request(cfg, req)                      # fail fast, before any weight is loaded

@@ -413,6 +413,7 @@ class VAETrainConfig:
     frames: int = 5                    # 4k+1 frames per training window
     crop: int = 32                     # square crop side in pixels (multiple of the spatial compression)
     kl_weight: float = 1e-4
+    l1_weight: float = 1.0
     mse_weight: float = 1.0
     init_logvar: float = -6.0          # initial posterior log-variance (quant_conv bias of the logvar half)
     seed: int = 0
@@ -441,6 +442,7 @@ class SampleConfig:
     steps: int = 30
     flow_shift: float = 13.0
     cfg_scale: float = 7.5
+    ip_cfg_scale: float = 0.0          # image guidance (spec 6.3; image model only, 0 = off as released)
     fps: int = 25
     ref_image: str = ""                # path relative to the repository root ("" : assets/demo_subject.png)
     pos_prompt: str = "Realistic, High-quality. The object moves across the scene."

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_TOKENIZERS = ROOT / "assets" / "tiny_tokenizers"
 DEFAULT_CONFIG = PRESET_DIR / "default_tiny.yaml"      # random-weights preset (tests, pipeline smoke runs)
 DEMO_BUNDLE = ROOT / "assets" / "demo" / "model"       # the embedded default
-DEMO_HINT = ("recreate it with `python -m hcjax.demo build --workdir RUN` (about 80 minutes on a 2-core CPU; "
+DEMO_HINT = ("recreate it with `python -m hcjax.demo build --workdir RUN` (about an hour on a 2-core CPU; "
              "see README 'Demo model'), or pass --ckpt-dir, or --config configs/default_tiny.yaml for random weights")
 ORIGINAL_DIT = {"image": "hunyuancustom_720P", "audio": "hunyuancustom_audio_720P",
                 "editing": "hunyuancustom_editing_720P"}

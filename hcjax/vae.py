@@ -126,14 +126,17 @@ def conv3d(x, kernel, stride, impl: str | None = None):
 
 
 def _replicate_pad(x, axis: int, before: int, after: int, valid=None):
-    """Replicate-pad ``axis`` by gathering clamped indices (cheaper to compile and run on CPU than
-    ``jnp.pad(mode="edge")``). With a traced ``valid`` extent the pad repeats element ``valid-1`` instead of
-    the last array element, so a padded tile behaves like the unpadded one inside its valid prefix."""
+    """Replicate-pad ``axis``: the edge slices concatenated (cheaper to compile and run on CPU than
+    ``jnp.pad(mode="edge")``, and a plain slice-add in the backward pass). With a traced ``valid`` extent it
+    gathers clamped indices so that the pad repeats element ``valid-1`` instead of the last array element, and a
+    padded tile behaves like the unpadded one inside its valid prefix."""
     if before == 0 and after == 0:
         return x
     n = x.shape[axis]
-    last = n - 1 if valid is None else valid - 1
-    idx = jnp.clip(jnp.arange(-before, n + after), 0, last)
+    if valid is None:
+        first, last = jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+        return jnp.concatenate([first] * before + [x] + [last] * after, axis=axis)
+    idx = jnp.clip(jnp.arange(-before, n + after), 0, valid - 1)
     return jnp.take(x, idx, axis=axis, mode="clip")
 
 

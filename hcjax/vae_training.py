@@ -78,7 +78,7 @@ def vae_loss(params, x, key, cfg: Config):
     mse = jnp.mean(jnp.square(y - x))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     vc = cfg.vae_train
-    return l1 + vc.mse_weight * mse + vc.kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
+    return vc.l1_weight * l1 + vc.mse_weight * mse + vc.kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:

@@ -73,6 +73,31 @@ def test_synthetic_clips_move_as_captioned(raw):
         assert ref.shape == video.shape[1:] and (ref == 255).all(-1).mean() > 0.5      # subject on white
 
 
+@pytest.mark.parametrize("travel", [0.5, 0.25])
+def test_synthetic_travel_is_the_fraction_of_the_frame_crossed(travel):
+    """With ``travel`` < 1 the subject moves ``travel`` x as far as in the edge-to-edge clip drawn from the same
+    seed (same subject and size), at constant speed, from a start that varies between clips."""
+    from hcjax.data import synthetic
+
+    def leading_edge(video):
+        sat = video.astype(np.float32).max(-1) - video.astype(np.float32).min(-1)
+        return np.array([np.nonzero(f > 60)[1].min() for f in sat], np.float32)
+
+    starts = set()
+    for i in range(6):
+        video, _, meta = synthetic.make_clip(np.random.default_rng([3, i]), 9, 64, 64, direction="right",
+                                             travel=travel)
+        full, _, meta_full = synthetic.make_clip(np.random.default_rng([3, i]), 9, 64, 64, direction="right")
+        assert meta == meta_full
+        x, x_full = leading_edge(video), leading_edge(full)
+        assert np.all(np.diff(x) >= 0) and np.all(np.diff(x_full) >= 0)
+        assert abs((x[-1] - x[0]) - travel * (x_full[-1] - x_full[0])) <= 2.0, (x, x_full)
+        starts.add(int(x[0]))
+    assert len(starts) > 1
+    with pytest.raises(ValueError, match="travel"):
+        synthetic.make_clip(np.random.default_rng(0), 9, 64, 64, travel=0.0)
+
+
 def test_synthetic_refuses_to_overwrite(tmp_path):
     generate(tmp_path / "d", num_clips=1, frames=5, height=16, width=16)
     with pytest.raises(FileExistsError, match="--overwrite"):

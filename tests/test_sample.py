@@ -36,8 +36,9 @@ def test_cli_image_mode_writes_mp4_and_settings(tmp_path):
     assert frames.shape == (5, 32, 48, 3)
     settings = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert settings["seed"] == 7 and settings["frames_written"] == 5 and settings["embedded_default"] is True
-    assert settings["random_weights"] is False and settings["cfg_scale"] == load_config(
-        ROOT / "configs/demo.yaml").sample.cfg_scale    # the demo model's defaults
+    demo_sample = load_config(ROOT / "configs/demo.yaml").sample               # the demo model's defaults
+    assert settings["random_weights"] is False and settings["cfg_scale"] == demo_sample.cfg_scale
+    assert settings["ip_cfg_scale"] == demo_sample.ip_cfg_scale > 0
     assert "s/step" in r.stderr or "s/step" in r.stdout
     assert not list(tmp_path.glob(".*partial*"))
 

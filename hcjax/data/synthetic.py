@@ -68,9 +68,12 @@ def render(shape: str, texture: str, color, cx: float, cy: float, r: float, heig
 
 
 def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
-              subject: tuple[str, str, str] | None = None, direction: str | None = None):
+              subject: tuple[str, str, str] | None = None, direction: str | None = None, travel: float = 1.0):
     """Frames, reference image and metadata of one random clip; ``subject`` = ``(color, texture, shape)`` and
-    ``direction`` fix those choices (the random draws are made either way, so other choices do not change)."""
+    ``direction`` fix those choices (the random draws are made either way, so other choices do not change).
+    ``travel``: the fraction of the frame the subject crosses (1: edge to edge; less: from a random start)."""
+    if not 0.0 < travel <= 1.0:
+        raise ValueError(f"travel must be in (0, 1], got {travel}")
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
@@ -81,16 +84,18 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
     r = min(height, width) * rng.uniform(0.18, 0.26)
     ux, uy = DIRECTIONS[direction]
     margin = r * 1.05
-    # start on the side the subject comes from, travel across most of the frame; random cross-axis offset
-    travel = np.linspace(0.0, 1.0, frames)
-    cross = rng.uniform(0.35, 0.65)
+    cross = rng.uniform(0.35, 0.65)                     # random cross-axis offset
+    gray = rng.uniform(110, 150)
+    # along the axis: from the side the subject comes from (travel 1) or a random start (travel < 1)
+    path = np.linspace(0.0, travel, frames)
+    if travel < 1:
+        path = path + rng.uniform(0.0, 1.0 - travel)
     if ux:
-        xs = margin + (width - 2 * margin) * (travel if ux > 0 else 1 - travel)
+        xs = margin + (width - 2 * margin) * (path if ux > 0 else 1 - path)
         ys = np.full(frames, height * cross)
     else:
-        ys = margin + (height - 2 * margin) * (travel if uy > 0 else 1 - travel)
+        ys = margin + (height - 2 * margin) * (path if uy > 0 else 1 - path)
         xs = np.full(frames, width * cross)
-    gray = rng.uniform(110, 150)
     yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
     background = np.repeat((gray + 20 * (yy / height - 0.5))[..., None], 3, axis=-1)
     video = np.stack([render(shape, texture, COLORS[color], x, y, r, height, width, background)

@@ -76,6 +76,25 @@ def eval_pairs() -> list[dict]:
              "ref_image": DEMO_DIR / f"subject_{i:02d}.png"} for i, s in enumerate(HELD_OUT)]
 
 
+def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
+    """``n`` training subjects in the layout of :func:`eval_pairs` (eval prompt, cycling directions), references
+    written to ``ref_dir``. The model saw these subjects (never these videos): scoring them separates what the DiT
+    fits from what it generalises to the held-out subjects."""
+    from PIL import Image
+
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    picks = sorted(np.random.default_rng(seed).choice(len(TRAIN_SUBJECTS), n, replace=False))
+    dirs = list(synthetic.DIRECTIONS)
+    pairs = []
+    for i, k in enumerate(picks):
+        s, d = TRAIN_SUBJECTS[k], dirs[i % 4]
+        path = ref_dir / f"seen_{i:02d}.png"
+        Image.fromarray(reference_image(s)).save(path)
+        pairs.append({"index": i, "subject": s, "direction": d, "prompt": EVAL_PROMPT.format(p=PHRASES[d][1]),
+                      "ref_image": path})
+    return pairs
+
+
 def write_eval_references(out: Path = DEMO_DIR) -> list[Path]:
     from PIL import Image
 

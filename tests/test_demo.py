@@ -38,6 +38,15 @@ def test_held_out_subjects_never_in_training():
     assert sorted(demo.HELD_OUT + demo.TRAIN_SUBJECTS) == sorted(demo.SUBJECTS)
 
 
+def test_seen_pairs_are_training_subjects(tmp_path):
+    """demo_eval's fit check uses subjects from training only, with their references written where it asks."""
+    pairs = demo.seen_pairs(tmp_path, n=8)
+    assert len({p["subject"] for p in pairs}) == 8 and all(p["subject"] in demo.TRAIN_SUBJECTS for p in pairs)
+    for p in pairs:
+        np.testing.assert_array_equal(load_rgb(str(p["ref_image"])), demo.reference_image(p["subject"]))
+        assert p["prompt"] == demo.EVAL_PROMPT.format(p=demo.PHRASES[p["direction"]][1])
+
+
 def test_committed_references_are_the_held_out_subjects(refs):
     for p, r in zip(PAIRS, refs):
         np.testing.assert_array_equal(r, demo.reference_image(p["subject"]))

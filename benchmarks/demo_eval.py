@@ -8,7 +8,8 @@ are computed on the generated pixels. Three references calibrate the metrics: th
 for the same pairs (what a perfect model would score), those clips encoded and decoded by the bundle's VAE (what a
 perfect DiT would score with this VAE) and the generated videos scored against shuffled prompts (what ignoring the
 prompt scores). The same metrics on 24 *training* subjects (new videos; ``hcjax.demo.seen_pairs``) tell how well
-the DiT fits what it saw apart from how it generalises. ``--strip`` writes ``demo_strip.png`` (and ``demo.gif``) of the first pairs.
+the DiT fits what it saw apart from how it generalises. ``--strip`` writes ``demo_strip.png`` (and ``demo.gif``)
+of the first pairs.
 """
 
 from __future__ import annotations

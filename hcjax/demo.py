@@ -69,11 +69,16 @@ def reference_image(subject, size: int = SIZE) -> np.ndarray:
                             size, size, white)
 
 
+def _pair(i: int, subject, ref_image: Path) -> dict:
+    """Evaluation pair ``i``: the subject, a direction (cycling over the four) and the eval prompt."""
+    d = list(synthetic.DIRECTIONS)[i % 4]
+    return {"index": i, "subject": subject, "direction": d, "prompt": EVAL_PROMPT.format(p=PHRASES[d][1]),
+            "ref_image": ref_image}
+
+
 def eval_pairs() -> list[dict]:
     """The held-out evaluation set: each held-out subject with one direction (cycling) and the eval prompt."""
-    dirs = list(synthetic.DIRECTIONS)
-    return [{"index": i, "subject": s, "direction": dirs[i % 4], "prompt": EVAL_PROMPT.format(p=PHRASES[dirs[i % 4]][1]),
-             "ref_image": DEMO_DIR / f"subject_{i:02d}.png"} for i, s in enumerate(HELD_OUT)]
+    return [_pair(i, s, DEMO_DIR / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
 
 
 def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
@@ -84,14 +89,9 @@ def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
 
     ref_dir.mkdir(parents=True, exist_ok=True)
     picks = sorted(np.random.default_rng(seed).choice(len(TRAIN_SUBJECTS), n, replace=False))
-    dirs = list(synthetic.DIRECTIONS)
-    pairs = []
-    for i, k in enumerate(picks):
-        s, d = TRAIN_SUBJECTS[k], dirs[i % 4]
-        path = ref_dir / f"seen_{i:02d}.png"
-        Image.fromarray(reference_image(s)).save(path)
-        pairs.append({"index": i, "subject": s, "direction": d, "prompt": EVAL_PROMPT.format(p=PHRASES[d][1]),
-                      "ref_image": path})
+    pairs = [_pair(i, TRAIN_SUBJECTS[k], ref_dir / f"seen_{i:02d}.png") for i, k in enumerate(picks)]
+    for p in pairs:
+        Image.fromarray(reference_image(p["subject"])).save(p["ref_image"])
     return pairs
 
 

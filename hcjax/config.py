@@ -420,6 +420,7 @@ class VAETrainConfig:
     log_every: int = 50
     data: str = ""                     # raw clip directory (mp4 files); default: train.data.path
     init_from: str = ""                # hcjax VAE checkpoint to continue from ("" : random init)
+    ref_fraction: float = 0.0          # share of windows that are stills of the clips' *_ref.png reference images
     finetune_steps: int = 0            # hcjax.demo: a second run continuing the first (fresh optimizer, seed + 1)
     finetune_learning_rate: float = 1e-3
 
@@ -431,6 +432,8 @@ class VAETrainConfig:
             raise ConfigError(f"{where}.frames={self.frames}: the causal VAE needs 4k+1 frames (1, 5, 9, ...)")
         if self.learning_rate <= 0 or self.kl_weight < 0 or self.mse_weight < 0 or self.warmup_steps < 0:
             raise ConfigError(f"{where}: need learning_rate > 0 and kl_weight, mse_weight, warmup_steps >= 0")
+        if not 0.0 <= self.ref_fraction <= 1.0:
+            raise ConfigError(f"{where}.ref_fraction={self.ref_fraction} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

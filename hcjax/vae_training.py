@@ -4,7 +4,9 @@ The original release ships a trained VAE and no VAE training code; this exists f
 ``configs/demo.yaml``) whose VAE has no released weights. Objective per window: ``L1 + mse_weight * MSE`` of the
 reconstruction of a posterior sample, plus ``kl_weight * KL(q(z|x) || N(0, 1))`` (means over elements). Windows
 are random ``vae_train.frames x crop x crop`` crops of the clips of a raw dataset directory (all decoded once
-into memory: meant for small datasets). AdamW with warmup + cosine decay (optax), one jitted step.
+into memory: meant for small datasets). With ``vae_train.ref_fraction > 0`` that fraction of the windows are
+static crops of the clips' reference images (``*_ref.png``, the subject on white): the DiT's reference latents
+are VAE encodings of such images, which clips alone never show the VAE. AdamW with warmup + cosine decay (optax), one jitted step.
 
 Writes ``RUN/params`` (an hcjax checkpoint, :func:`hcjax.checkpoint.save_params`, whose config carries the
 measured ``vae.scaling_factor`` = 1 / std of the latent means over the data) and ``RUN/metrics.jsonl``.
@@ -44,8 +46,28 @@ def load_clips(data_dir: str | Path, limit: int | None = None) -> np.ndarray:
     return np.stack(clips)
 
 
-def sample_windows(clips: np.ndarray, rng: np.random.Generator, batch: int, frames: int, crop: int) -> np.ndarray:
-    """Random ``[batch, frames, crop, crop, 3]`` windows in [-1, 1] (random clip, start frame, position)."""
+def load_references(data_dir: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """Every ``*_ref.png`` of ``data_dir`` as ``uint8 [N, H, W, 3]``; each must be ``shape`` (the clips' H, W)."""
+    from PIL import Image
+
+    paths = sorted(Path(data_dir).glob("*_ref.png"))
+    if not paths:
+        raise FileNotFoundError(f"vae_train.ref_fraction > 0 but {data_dir} has no *_ref.png reference images")
+    refs = []
+    for p in paths:
+        img = np.asarray(Image.open(p).convert("RGB"))
+        if img.shape[:2] != tuple(shape):
+            raise ValueError(f"vae training data: {p} is {img.shape[1]}x{img.shape[0]}, the clips are "
+                             f"{shape[1]}x{shape[0]}")
+        refs.append(img)
+    return np.stack(refs)
+
+
+def sample_windows(clips: np.ndarray, rng: np.random.Generator, batch: int, frames: int, crop: int,
+                   refs: np.ndarray | None = None, ref_fraction: float = 0.0) -> np.ndarray:
+    """Random ``[batch, frames, crop, crop, 3]`` windows in [-1, 1] (random clip, start frame, position); with
+    ``refs`` ``[N, H, W, 3]``, each window is with probability ``ref_fraction`` a random reference image's crop
+    repeated over the frames (a still)."""
     n, f, h, w, _ = clips.shape
     if frames > f or crop > min(h, w):
         raise ValueError(f"vae_train window {frames}x{crop}x{crop} does not fit the clips ({f} frames {h}x{w})")
@@ -53,7 +75,10 @@ def sample_windows(clips: np.ndarray, rng: np.random.Generator, batch: int, fram
     for b in range(batch):
         i, t = rng.integers(n), rng.integers(f - frames + 1)
         y, x = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
-        out[b] = clips[i, t:t + frames, y:y + crop, x:x + crop]
+        if refs is not None and ref_fraction > 0 and rng.random() < ref_fraction:
+            out[b] = refs[rng.integers(len(refs)), None, y:y + crop, x:x + crop]
+        else:
+            out[b] = clips[i, t:t + frames, y:y + crop, x:x + crop]
     return out / 127.5 - 1.0
 
 
@@ -130,6 +155,9 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
     clips = load_clips(data)
     print_fn(f"vae: {clips.shape[0]} clips of {clips.shape[1]} frames {clips.shape[3]}x{clips.shape[2]} "
              f"loaded in {time.perf_counter() - t0:.1f}s")
+    refs = load_references(data, clips.shape[2:4]) if vc.ref_fraction > 0 else None
+    if refs is not None:
+        print_fn(f"vae: {len(refs)} reference images, {vc.ref_fraction:.0%} of the windows")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if vc.init_from:
@@ -149,7 +177,7 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
     bar = tqdm(range(vc.steps), desc="vae", unit="step", disable=progress is False)
     with (workdir / "metrics.jsonl").open("a") as metrics:
         for i in bar:
-            x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop)
+            x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop, refs, vc.ref_fraction)
             params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(key, i))
             if (i + 1) % vc.log_every == 0 or i + 1 == vc.steps:
                 m = {k: float(v) for k, v in m.items()}

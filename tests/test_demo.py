@@ -150,3 +150,35 @@ def test_vae_stage_trains(tmp_path):
                         str(tmp_path / "run2"), "--set", f"vae_train.data={tmp_path / 'nothing'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no .mp4 files" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vae_windows_include_reference_stills(tmp_path):
+    """vae_train.ref_fraction: that share of the VAE's windows are stills cropped from the clips' *_ref.png images
+    (what the DiT's reference latents encode); 0 leaves the clip windows and their random draws as they were;
+    missing or mis-sized reference images are errors naming the file."""
+    from PIL import Image
+
+    from hcjax.config import ConfigError
+    from hcjax.data import synthetic
+    from hcjax.vae_training import load_clips, load_references, sample_windows
+
+    synthetic.generate(tmp_path / "data", num_clips=3, frames=5, height=32, width=32)
+    clips = load_clips(tmp_path / "data")
+    refs = load_references(tmp_path / "data", clips.shape[2:4])
+    assert refs.shape == (3, 32, 32, 3) and (refs == 255).all(-1).mean() > 0.3      # subjects on white
+    plain = sample_windows(clips, np.random.default_rng(1), 64, 5, 16)
+    np.testing.assert_array_equal(plain, sample_windows(clips, np.random.default_rng(1), 64, 5, 16, refs, 0.0))
+    stills = sample_windows(clips, np.random.default_rng(1), 64, 5, 16, refs, 1.0)
+    assert (stills == stills[:, :1]).all()                                             # every frame the same
+    crops = {refs[i, y:y + 16, x:x + 16].tobytes() for i in range(3) for y in range(17) for x in range(17)}
+    assert all(((s[0] + 1.0) * 127.5).round().astype(np.uint8).tobytes() in crops for s in stills)
+    half = sample_windows(clips, np.random.default_rng(2), 400, 5, 16, refs, 0.25)
+    share = (half == half[:, :1]).all(axis=(1, 2, 3, 4)).mean()
+    assert 0.15 < share < 0.35, share               # clip windows move (the generator's subjects always travel)
+    Image.new("RGB", (16, 16)).save(tmp_path / "data" / "clip_0001_ref.png")
+    with pytest.raises(ValueError, match="clip_0001_ref.png is 16x16"):
+        load_references(tmp_path / "data", (32, 32))
+    with pytest.raises(FileNotFoundError, match="no \\*_ref.png"):
+        load_references(tmp_path, (32, 32))
+    with pytest.raises(ConfigError, match="ref_fraction"):
+        load_config(demo.DEMO_CONFIG, ["vae_train.ref_fraction=1.5"])

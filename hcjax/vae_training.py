@@ -6,7 +6,8 @@ reconstruction of a posterior sample, plus ``kl_weight * KL(q(z|x) || N(0, 1))``
 are random ``vae_train.frames x crop x crop`` crops of the clips of a raw dataset directory (all decoded once
 into memory: meant for small datasets). With ``vae_train.ref_fraction > 0`` that fraction of the windows are
 static crops of the clips' reference images (``*_ref.png``, the subject on white): the DiT's reference latents
-are VAE encodings of such images, which clips alone never show the VAE. AdamW with warmup + cosine decay (optax), one jitted step.
+are VAE encodings of such images, which clips alone never show the VAE. AdamW with warmup + cosine decay
+(optax), one jitted step.
 
 Writes ``RUN/params`` (an hcjax checkpoint, :func:`hcjax.checkpoint.save_params`, whose config carries the
 measured ``vae.scaling_factor`` = 1 / std of the latent means over the data) and ``RUN/metrics.jsonl``.

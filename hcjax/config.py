@@ -423,6 +423,7 @@ class VAETrainConfig:
     ref_fraction: float = 0.0          # share of windows that are stills of the clips' *_ref.png reference images
     finetune_steps: int = 0            # hcjax.demo: a second run continuing the first (fresh optimizer, seed + 1)
     finetune_learning_rate: float = 1e-3
+    microbatch: int = 0                # windows per forward/backward pass, gradients averaged (0 : the whole batch)
 
     def validate(self, where: str = "vae_train") -> None:
         for f in ("steps", "batch_size", "frames", "crop", "log_every"):
@@ -434,6 +435,9 @@ class VAETrainConfig:
             raise ConfigError(f"{where}: need learning_rate > 0 and kl_weight, mse_weight, warmup_steps >= 0")
         if not 0.0 <= self.ref_fraction <= 1.0:
             raise ConfigError(f"{where}.ref_fraction={self.ref_fraction} must be in [0, 1]")
+        if self.microbatch < 0 or (self.microbatch and self.batch_size % self.microbatch):
+            raise ConfigError(f"{where}.microbatch={self.microbatch} must be 0 (whole batch) or divide "
+                              f"{where}.batch_size={self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)

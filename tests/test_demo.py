@@ -182,3 +182,35 @@ def test_vae_windows_include_reference_stills(tmp_path):
         load_references(tmp_path, (32, 32))
     with pytest.raises(ConfigError, match="ref_fraction"):
         load_config(demo.DEMO_CONFIG, ["vae_train.ref_fraction=1.5"])
+
+
+def test_vae_microbatch_gradients_are_the_whole_batch_gradients():
+    """vae_train.microbatch: the batch in slices with averaged values and gradients gives the whole batch's loss
+    and gradient (same posterior noise), up to float summation order; a slice size not dividing the batch is an
+    error naming both fields."""
+    import jax
+
+    from hcjax import vae_training as vt
+    from hcjax.config import ConfigError
+
+    base = ["vae_train.batch_size=4", "vae_train.crop=16"]
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 5, 16, 16, 3)).astype(np.float32)
+    params = vt.init_params(load_config(demo.DEMO_CONFIG, base), 0)
+    out = {}
+    for mb in (0, 2):
+        cfg = load_config(demo.DEMO_CONFIG, base + [f"vae_train.microbatch={mb}"])
+        f = jax.jit(lambda p, v, k, c=cfg: vt.loss_and_grads(p, v, k, c))
+        (loss, parts), grads = f(params, x, jax.random.key(3))
+        out[mb] = (float(loss), {k: float(v) for k, v in parts.items()}, jax.tree.map(np.asarray, grads))
+        if mb == 0:      # the noise matters: another key gives another loss (not a comparison of constants)
+            assert float(f(params, x, jax.random.key(4))[0][0]) != pytest.approx(float(loss), rel=1e-6)
+    loss0, parts0, g0 = out[0]
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
+    assert scale > 1e-3
+    for mb in (2,):
+        assert out[mb][0] == pytest.approx(loss0, rel=1e-5)
+        assert out[mb][1] == pytest.approx(parts0, rel=1e-5)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(out[mb][2])):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * scale)
+    with pytest.raises(ConfigError, match="microbatch=3 must be 0 .*batch_size=4"):
+        load_config(demo.DEMO_CONFIG, base + ["vae_train.microbatch=3"])

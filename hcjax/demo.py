@@ -353,18 +353,32 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
             "silhouette_iou": float(np.mean(ious)), "area_cv": float(np.mean(area_cv)), "per_video": per}
 
 
-def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None) -> list[np.ndarray]:
-    """One video per evaluation pair with the bundle's sampling defaults (``cfg.sample``) and ``seed + index``."""
+def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None,
+                  start_videos=None, start_sigma: float = 1.0) -> list[np.ndarray]:
+    """One video per evaluation pair with the bundle's sampling defaults (``cfg.sample``) and ``seed + index``.
+
+    ``start_videos`` (uint8 ``[F, H, W, 3]`` per pair; a diagnostic): each sample starts from that video's latents
+    (VAE posterior mean) noised to ``start_sigma`` instead of from pure noise (:func:`hcjax.pipeline.generate`)."""
+    import jax.numpy as jnp
+
     from .pipeline import Request, generate
+    from .vae import encode_video
 
     sc = models.cfg.sample
     out = []
-    for p in pairs or eval_pairs():
+    pairs = pairs or eval_pairs()
+    if start_videos is not None and len(start_videos) != len(pairs):
+        raise ValueError(f"start_videos: {len(start_videos)} videos for {len(pairs)} pairs")
+    for k, p in enumerate(pairs):
+        init = None
+        if start_videos is not None:
+            pix = jnp.asarray(np.asarray(start_videos[k])[None].astype(np.float32) / 127.5 - 1.0)
+            init = (encode_video(models.vae, models.cfg.vae, pix), start_sigma)
         req = Request(ref_image=str(p["ref_image"]), pos_prompt=p["prompt"], item_name="object",
                       video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
                       flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale,
                       ip_cfg_scale=sc.ip_cfg_scale, seed=seed + p["index"], fps=sc.fps)
-        frames, _ = generate(models, req)
+        frames, _ = generate(models, req, init=init)
         out.append(np.asarray(frames))
         if print_fn:
             print_fn(f"  {p['index']:2d} {subject_name(p['subject'])!r} {p['direction']}")

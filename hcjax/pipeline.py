@@ -247,8 +247,11 @@ def _pixels(img_uint8: np.ndarray) -> np.ndarray:
     return (img_uint8.astype(np.float32) / 255.0) * 2.0 - 1.0
 
 
-def generate(models: Models, req: Request, on_step=None) -> tuple[np.ndarray, dict]:
-    """Run one request -> (uint8 frames ``[F, h, w, 3]``, timings). ``on_step(i)`` is called after each step."""
+def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.ndarray, dict]:
+    """Run one request -> (uint8 frames ``[F, h, w, 3]``, timings). ``on_step(i)`` is called after each step.
+
+    ``init = (latents, sigma)`` (a diagnostic, SDEdit-style): start from ``latents`` ``[1, T', H', W', C]`` noised
+    to the first schedule sigma at or below ``sigma`` and run only the remaining steps, instead of from noise."""
     import time
 
     from .conditioning.llava import encode_prompts, load_rgb, pad_resize
@@ -313,7 +316,16 @@ def generate(models: Models, req: Request, on_step=None) -> tuple[np.ndarray, di
                  w // v.spatial_compression_ratio, cfg.dit.in_channels)
     noise = initial_noise(k_noise, lat_shape)
     sig = make_sigmas(req.steps, req.flow_shift)
-    denoise = make_denoise_fn(cfg.dit, req.steps, g, report_steps=on_step is not None)
+    if init is not None:
+        init_latents, start = init
+        if tuple(init_latents.shape) != lat_shape:
+            raise ValueError(f"init latents must be {list(lat_shape)} for this request; got {list(init_latents.shape)}")
+        first = int(np.argmax(sig <= start))
+        if not 0.0 < start <= 1.0 or first >= req.steps:
+            raise ValueError(f"init sigma must be in (0, 1] and above the last step's {sig[-2]:.3f}; got {start}")
+        sig = sig[first:]
+        noise = (1.0 - sig[0]) * jnp.asarray(init_latents, jnp.float32) + sig[0] * noise
+    denoise = make_denoise_fn(cfg.dit, len(sig) - 1, g, report_steps=on_step is not None)
     t2 = time.perf_counter()
     if on_step is not None:
         _STEP_HOOKS.append(on_step)
@@ -323,7 +335,7 @@ def generate(models: Models, req: Request, on_step=None) -> tuple[np.ndarray, di
         if on_step is not None:
             _STEP_HOOKS.remove(on_step)
     timings["denoise_s"] = time.perf_counter() - t2
-    timings["s_per_step"] = timings["denoise_s"] / req.steps
+    timings["s_per_step"] = timings["denoise_s"] / (len(sig) - 1)
     t3 = time.perf_counter()
     pixels = decode_latents(models.vae, cfg.vae, latents)
     frames_u8 = to_uint8(np.asarray(pixels)[0])

@@ -8,7 +8,7 @@ precomputed``, what large runs use) or a raw directory of mp4 + JSON clips (``mo
 Writes ``RUN/checkpoints`` (orbax, async, keep-N), ``RUN/metrics.jsonl``, ``RUN/tensorboard`` and
 ``RUN/config.json``. ``--resume`` continues from the latest complete checkpoint (params, optimizer, EMA, step,
 data position). Bad input ends with a one-line message and exit code 2 (``--debug`` shows the traceback); a
-NaN/Inf loss stops with exit code 3 and keeps the last good checkpoint.
+NaN/Inf loss stops with exit code 3 and keeps the last good checkpoint; Ctrl-C exits with 130 (SIGTERM 143).
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from hcjax.cli import run_cli
+from hcjax.config import load_config
+from hcjax.precompute import load_text_encoders_for
+from hcjax.sharding import maybe_initialize_distributed
+from hcjax.training import NonFiniteError, train
+from hcjax.vae_training import train_vae
 
 
 def parse(argv):
@@ -32,41 +39,26 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def run(args) -> None:
+    maybe_initialize_distributed()
+    cfg = load_config(args.config, args.set)
+    progress = False if args.no_progress else None
+    if args.stage == "vae":
+        train_vae(cfg, args.workdir, print_fn=lambda s: print(s, flush=True), progress=progress)
+        return
+    if not cfg.train.data.path:
+        raise ValueError("no training data: set train.data.path (e.g. --set train.data.path=DIR)")
+    text = load_text_encoders_for(cfg) if cfg.train.data.mode == "raw" else None
+    train(cfg, args.workdir, resume=args.resume, print_fn=lambda s: print(s, flush=True), progress=progress,
+          text_encoders=text)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        from hcjax.config import load_config
-        from hcjax.training import NonFiniteError, train
-
-        from hcjax.sharding import maybe_initialize_distributed
-
-        maybe_initialize_distributed()
-        cfg = load_config(args.config, args.set)
-        if args.stage == "vae":
-            from hcjax.vae_training import train_vae
-
-            train_vae(cfg, args.workdir, print_fn=lambda s: print(s, flush=True),
-                      progress=False if args.no_progress else None)
-            return 0
-        if not cfg.train.data.path:
-            raise ValueError("no training data: set train.data.path (e.g. --set train.data.path=DIR)")
-        train(cfg, args.workdir, resume=args.resume, print_fn=lambda s: print(s, flush=True),
-              progress=False if args.no_progress else None)
-        return 0
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), debug=args.debug, codes={NonFiniteError: 3, FloatingPointError: 3})
 
 
 if __name__ == "__main__":

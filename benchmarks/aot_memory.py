@@ -3,6 +3,8 @@
     python benchmarks/aot_memory.py                       # both cases, each in its own subprocess
     python benchmarks/aot_memory.py --case infer          # 720x1280x129 forward, 8 devices (sequence=8), bf16
     python benchmarks/aot_memory.py --case train          # 544x960x129 train step, 64 devices (fsdp=8 x sequence=8)
+    python benchmarks/aot_memory.py --case infer1         # ONE device: one CFG denoise step, bf16 | fp8 | fp8+offload
+    python benchmarks/aot_memory.py --case infer1 --variant fp8 --cfg-batch 1 --height 544 --width 960
 
 * ``infer``: the DiT forward of one denoising step at 720x1280, 129 frames (33 latent frames, 45x80 patches:
   122 400 video+reference tokens) + 831 text tokens, CFG batch 2, bf16 parameters and activations, Ulysses over
@@ -10,6 +12,14 @@
 * ``train``: ``jax.grad`` of a flow-matching MSE through the DiT (fp32 master weights, bf16 compute, ``remat=full``
   per block) + ``optax.adamw`` update, batch 8 at 544x960x129 (67 320 video + 2 040 reference + 831 text tokens),
   ``fsdp=8 x sequence=8`` (Ulysses), params and optimizer state donated.
+
+* ``infer1`` (issue 23): one device, one step of the compiled denoise loop (``pipeline.make_denoise_fn``, CFG 7.5:
+  two guidance branches, batched or -- ``--cfg-batch 1`` -- as two sequential passes) at 720x1280x129 (or
+  ``--height/--width``) + reference, 831 text tokens, bf16, chunked attention, ``--ffn-chunk`` tokens per chunk.
+  Variants: ``bf16`` (block stacks as raw bits, ``hcjax.dit.storage``), ``fp8`` (block Linears fp8 + scale),
+  ``fp8+offload`` (block stacks in pinned host memory; the reported bytes are the device-resident ones:
+  arguments + outputs + temporaries minus the host-resident parameters). Last line per run:
+  ``infer1 <variant>: <bytes> bytes per device``.
 
 Everything is ``jax.ShapeDtypeStruct`` with shardings; ``jit(...).lower(...).compile()`` then
 ``compiled.memory_analysis()`` (per device: the partitioned SPMD program). Each case runs in a subprocess with
@@ -29,7 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"infer": 8, "train": 64}
+CASES = {"infer": 8, "train": 64, "infer1": 1}
+VARIANTS = ("bf16", "fp8", "fp8+offload")
 DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp, sequence, tensor)
 GB = 1e9
 
@@ -54,7 +65,8 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
         cfg = dataclasses.replace(base, dtype="bfloat16", param_dtype="float32", attention=attention,
                                   attention_block_q=block, attention_block_kv=block, remat=remat)
         batch, frames, height, width = 8, 129, 544, 960
-    mesh_cfg = MeshConfig(*(mesh_shape or DEFAULT_MESH[case]), sequence_parallel=sp_mode)
+    cfg = dataclasses.replace(cfg, sequence_parallel=sp_mode)
+    mesh_cfg = MeshConfig(*(mesh_shape or DEFAULT_MESH[case]))
     mesh = S.make_mesh(mesh_cfg, cfg)
     lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
     n_tokens = (lt + 1) * (lh // 2) * (lw // 2) + text_len
@@ -70,7 +82,7 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
               sds((batch, text_len, cfg.text_states_dim), act), sds((batch, text_len), jnp.int32),
               sds((batch, cfg.text_states_dim_2), act), sds((batch, 1, lh, lw, cfg.in_channels), act))
     t0 = time.perf_counter()
-    params = S.abstract_sharded_params(cfg, mesh)
+    params = S.abstract_sharded(dit.abstract_params(cfg), mesh)
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     param_dev = sum(math.prod(p.sharding.shard_shape(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
     print(f"[{case}] abstract params: {n_params / 1e9:.2f} B, {param_dev / GB:.2f} GB per device "
@@ -78,7 +90,7 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
 
     cond = {}
     if cfg.audio_condition:
-        from hcjax.conditioning.audio import audio_feature_shape
+        from hcjax.dit import audio_feature_shape
 
         cond["audio_features"] = sds(audio_feature_shape(cfg, batch, lt), act)
     if cfg.video_condition:
@@ -149,6 +161,52 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
         print(f"[{case}] cost analysis unavailable: {e}")
 
 
+def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: int, block: int, cfg_batch: int,
+                  ffn_chunk: int, preset_name: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+
+    from hcjax import dit, pipeline
+    from hcjax.config import preset
+    from hcjax.dit.storage import STACKS, abstract_runtime_params
+
+    cfg = dataclasses.replace(preset(preset_name).dit, dtype="bfloat16", param_dtype="bfloat16", attention="chunked",
+                              attention_block_q=block, attention_block_kv=block, cfg_batch=cfg_batch,
+                              ffn_chunk=ffn_chunk, use_fp8=variant.startswith("fp8"),
+                              cpu_offload=variant.endswith("offload"))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=dev)  # noqa: E731
+    lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
+    guidance = pipeline.Guidance(cfg_scale=7.5, ip_cfg_scale=0.0, use_deepcache=False)
+    b = guidance.branches()
+    n_tokens = (lt + 1) * (lh // 2) * (lw // 2) + text_len
+    params = abstract_runtime_params(dit.abstract_params(cfg), cfg, dev)
+    leaves = jax.tree.leaves(params)
+    n_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
+    host = sum(math.prod(a.shape) * a.dtype.itemsize for k in STACKS for a in jax.tree.leaves(params[k])
+               if cfg.cpu_offload)
+    print(f"[infer1 {variant}] 1 CPU device; {frames}x{height}x{width} -> latent {lt}x{lh}x{lw}, {n_tokens} tokens "
+          f"(incl. reference + {text_len} text); CFG branches {b}, cfg_batch {cfg_batch or b}, ffn_chunk {ffn_chunk}, "
+          f"attention chunked ({block}); params {n_bytes / GB:.2f} GB ({host / GB:.2f} GB in host memory)", flush=True)
+    conds = pipeline.Conditions(text_states=sds((b, text_len, cfg.text_states_dim)),
+                                text_mask=sds((b, text_len), jnp.int32), text_states_2=sds((b, cfg.text_states_dim_2)),
+                                ref_latents=sds((b, 1, lh, lw, cfg.in_channels)))
+    fn = pipeline.make_denoise_fn(cfg, 1, guidance)
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, sds((1, lt, lh, lw, cfg.in_channels), jnp.float32), conds,
+                        sds((2,), jnp.float32)).compile()
+    t_compile = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
+    total = args + m.output_size_in_bytes - m.alias_size_in_bytes + temp
+    print(f"[infer1 {variant}] lower+compile {t_compile:.1f} s")
+    print(f"    arguments {args / GB:9.3f} GB   (of which host-resident params {host / GB:.3f} GB)")
+    print(f"    temporaries {temp / GB:7.3f} GB")
+    print(f"    total {total / GB:13.3f} GB   device-resident {(total - host) / GB:.3f} GB")
+    print(f"infer1 {variant}: {total - host} bytes per device", flush=True)
+
+
 def _large_gathers(hlo: str, threshold: int) -> list[str]:
     import re
 
@@ -195,9 +253,19 @@ def main() -> int:
     ap.add_argument("--sequence-parallel", default="ulysses", choices=["ulysses", "ring", "auto"])
     ap.add_argument("--preset", default="hunyuancustom_720p",
                     help="configs/<preset>.yaml (e.g. hunyuancustom_720p_audio: audio features are added)")
+    ap.add_argument("--variant", default="all", choices=[*VARIANTS, "all"], help="infer1: weights")
+    ap.add_argument("--height", type=int, default=720, help="infer1: video height")
+    ap.add_argument("--width", type=int, default=1280, help="infer1: video width")
+    ap.add_argument("--frames", type=int, default=129, help="infer1: video frames")
+    ap.add_argument("--cfg-batch", type=int, default=0, help="infer1: guidance branches per DiT pass (0 = all)")
+    ap.add_argument("--ffn-chunk", type=int, default=8192, help="infer1: dit.ffn_chunk (tokens, 0 = off)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.case == "infer1":
+        _child_infer1(args.variant, args.height, args.width, args.frames, args.text_len, args.block, args.cfg_batch,
+                      args.ffn_chunk, args.preset)
+        return 0
     if args.child:
         _child(args.case, args.attention, args.block, args.remat, args.text_len, args.mesh, args.sequence_parallel,
                args.preset)
@@ -211,14 +279,20 @@ def main() -> int:
                "--block", str(args.block), "--remat", args.remat, "--text-len", str(args.text_len),
                "--sequence-parallel", args.sequence_parallel, "--preset", args.preset]
         cmd += ["--mesh", *map(str, args.mesh)] if args.mesh else []
-        t0 = time.perf_counter()
-        try:
-            rc = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            print(f"[{case}] did not finish within {args.timeout:.0f} s")
-            rc = 124
-        print(f"[{case}] subprocess exit {rc} after {time.perf_counter() - t0:.0f} s wall", flush=True)
-        status = status or rc
+        runs = [cmd]
+        if case == "infer1":
+            cmd += ["--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
+                    "--cfg-batch", str(args.cfg_batch), "--ffn-chunk", str(args.ffn_chunk)]
+            runs = [[*cmd, "--variant", v] for v in (VARIANTS if args.variant == "all" else [args.variant])]
+        for run in runs:
+            t0 = time.perf_counter()
+            try:
+                rc = subprocess.run(run, env=env, timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                print(f"[{case}] did not finish within {args.timeout:.0f} s")
+                rc = 124
+            print(f"[{case}] subprocess exit {rc} after {time.perf_counter() - t0:.0f} s wall", flush=True)
+            status = status or rc
     return status
 
 

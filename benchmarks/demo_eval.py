@@ -3,12 +3,12 @@
     python benchmarks/demo_eval.py [--bundle assets/demo/model] [--seed 0] [--seeds 3] [--json out.json]
                                    [--strip assets/demo]
 
-Every pair's subject (colour x texture x shape) never appears in the demo's training data (``hcjax.demo.HELD_OUT``).
-For each pair one video is generated with the bundle's sampling defaults; the metrics (``hcjax.demo.evaluate_videos``)
+Every pair's subject (colour x texture x shape) never appears in the demo's training data (``demo.HELD_OUT``).
+For each pair one video is generated with the bundle's sampling defaults; the metrics (``demo.evaluate_videos``)
 are computed on the generated pixels. Three references calibrate the metrics: the synthetic generator's own clips
 for the same pairs (what a perfect model would score), those clips encoded and decoded by the bundle's VAE (what a
 perfect DiT would score with this VAE) and the generated videos scored against shuffled prompts (what ignoring the
-prompt scores). The same metrics on 24 *training* subjects (new videos; ``hcjax.demo.seen_pairs``) tell how well
+prompt scores). The same metrics on 24 *training* subjects (new videos; ``demo.seen_pairs``) tell how well
 the DiT fits what it saw apart from how it generalises. ``--seeds N`` repeats the held-out generation with N seeds
 (``seed``, ``seed + 1000``, ...; 24 pairs alone move a figure by 4.2 points per video) and reports each and their
 mean; the calibrations, the training-subject check and the strip use the first. ``--start-sigma S [S ...]`` is a
@@ -26,13 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hcjax import demo  # noqa: E402
+import demo  # noqa: E402
+from hcjax.cli import run_cli  # noqa: E402
 from hcjax.data import synthetic  # noqa: E402
+from hcjax.media import read_image, to_uint8  # noqa: E402
+from hcjax.vae import decode_latents, encode_video  # noqa: E402
 
 
 def ground_truth_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
@@ -44,11 +49,6 @@ def ground_truth_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
 
 def vae_roundtrip(models, videos) -> list[np.ndarray]:
     """The clips encoded (posterior mean) and decoded by the bundle's VAE: the best the DiT could produce."""
-    import jax.numpy as jnp
-
-    from hcjax.io import to_uint8
-    from hcjax.vae import decode_latents, encode_video
-
     out = []
     for v in videos:
         z = encode_video(models.vae, models.cfg.vae, jnp.asarray(v[None].astype(np.float32) / 127.5 - 1.0))
@@ -58,8 +58,6 @@ def vae_roundtrip(models, videos) -> list[np.ndarray]:
 
 def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
     """``demo_strip.png``: per row the reference, then every other frame; ``demo.gif``: the first ``n`` side by side."""
-    from PIL import Image, ImageDraw
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for v, r in zip(videos[:n], refs[:n]):
@@ -86,10 +84,8 @@ HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_ac
 
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
         start_sigmas=()) -> dict:
-    from hcjax.conditioning.llava import load_rgb
-
     pairs = demo.eval_pairs()
-    refs = [load_rgb(str(p["ref_image"])) for p in pairs]
+    refs = [read_image(p["ref_image"]) for p in pairs]
     dirs = [p["direction"] for p in pairs]
     t0 = time.perf_counter()
     models = demo.load_demo(bundle, overrides)
@@ -133,7 +129,7 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
     report["seed"] = seed
     with tempfile.TemporaryDirectory() as tmp:      # training subjects, new videos: fit vs generalisation
         seen = demo.seen_pairs(Path(tmp))
-        seen_refs = [load_rgb(str(p["ref_image"])) for p in seen]
+        seen_refs = [read_image(p["ref_image"]) for p in seen]
         got = demo.evaluate_videos(demo.generate_eval(models, seen, seed=seed, steps=steps), seen_refs,
                                    [p["direction"] for p in seen], [p["subject"][0] for p in seen])
     report["seen_subjects"] = {k: got[k] for k in keys}
@@ -152,17 +148,19 @@ def main(argv=None) -> int:
                     help="config override, e.g. sample.cfg_scale=6 (sampling settings)")
     ap.add_argument("--json", default=None, help="write the full report here")
     ap.add_argument("--strip", default=None, help="directory for demo_strip.png and demo.gif")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    try:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        if any(not 0.0 < x <= 1.0 for x in args.start_sigma):
-            raise ValueError(f"--start-sigma values must be in (0, 1], got {args.start_sigma}")
-        report, videos, refs, pairs = run(args.bundle, args.seed, args.steps, args.set, seeds=args.seeds,
-                                          start_sigmas=args.start_sigma)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: evaluate(args), debug=args.debug)
+
+
+def evaluate(args) -> None:
+    """The report of ``args`` (see :func:`main`), printed; ``--json`` / ``--strip`` outputs written."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if any(not 0.0 < x <= 1.0 for x in args.start_sigma):
+        raise ValueError(f"--start-sigma values must be in (0, 1], got {args.start_sigma}")
+    report, videos, refs, pairs = run(args.bundle, args.seed, args.steps, args.set, seeds=args.seeds,
+                                      start_sigmas=args.start_sigma)
     n = report["n"]
     print(f"{n} held-out pairs, generated in {report['generate_s']:.0f}s")
     gt, rt = report["ground_truth"], report["vae_roundtrip"]
@@ -196,7 +194,6 @@ def main(argv=None) -> int:
     if args.strip:
         for p in write_strip(videos, refs, pairs, Path(args.strip)):
             print(f"wrote {p}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from convert_weights.dit import from_diffusers  # noqa: E402
+from hcjax.dit import HunyuanDiT  # noqa: E402
+from tests.dit_reference import diffusers_model, state_dict_numpy, tiny_cfg, to_torch_video  # noqa: E402  (torch)
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -29,13 +36,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
 
-    import jax
-    import numpy as np
     import torch
-
-    from convert_weights.dit import from_diffusers
-    from hcjax.dit import HunyuanDiT
-    from tests.dit_reference import diffusers_model, state_dict_numpy, tiny_cfg, to_torch_video
 
     torch.set_num_threads(args.threads)
     cfg = tiny_cfg(hidden_size=512, num_heads=8, depth_double_blocks=2, depth_single_blocks=4, refiner_depth=1,

@@ -10,12 +10,15 @@ import argparse
 import importlib
 import sys
 
+from .inspect_ckpt import inspect_file
+
 COMPONENTS = {
     "dit": "HunyuanCustom / HunyuanVideo transformer (original or diffusers format)",
     "vae": "3D causal VAE (original vae_3d/.../pytorch_model.pt or diffusers format)",
     "llava": "LLaVA-Llama-3-8B text+image encoder (hub or transformers 5.x names)",
     "clip": "CLIP-L text encoder",
     "whisper": "Whisper-tiny audio encoder",
+    "lora": "LoRA for the DiT (diffusers/peft, kohya/musubi or original names) -> hcjax adapter.safetensors",
 }
 
 
@@ -34,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--key", default=None, help="top-level key holding the state dict (component default)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
         s.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "dit":
+            s.add_argument("--fp8-map", default=None, metavar="FILE",
+                           help="scale map of an fp8 checkpoint (default: X_map.pt beside X.pt)")
     s = sub.add_parser("inspect", help="print variant, counts, dtypes and mismatches from metadata only")
     s.add_argument("file")
     s.add_argument("--key", default=None)
+    s.add_argument("--fp8-map", default=None, metavar="FILE", help="scale map of an fp8 DiT (default: X_map.pt)")
     s.add_argument("--debug", action="store_true")
     return p
 
@@ -45,9 +52,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":
-            from .inspect_ckpt import inspect_file
-
-            print(inspect_file(args.file, key=args.key))
+            print(inspect_file(args.file, key=args.key, fp8_map=args.fp8_map))
             return 0
         module = importlib.import_module(f"convert_weights.{args.command}")
         out = module.convert_file(args)

@@ -21,10 +21,14 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
+from hcjax.checkpoint import save_params
+from hcjax.conditioning.clip import abstract_text_params, abstract_vision_params
 from hcjax.config import ClipTextConfig, ClipVisionConfig, Config, load_config
 
+from .readers import read_state_dict
 from .rules import ConversionError, Rule, apply_rules, check_rules, conv2d, expected_shapes, linear, linear_from, \
     linear_to, reshape_to
 
@@ -153,14 +157,10 @@ def check_layer_shapes(rules, shapes: Mapping[str, tuple[int, ...]], what: str) 
 
 
 def _expected_text(c: ClipTextConfig):
-    from hcjax.conditioning.clip import abstract_text_params
-
     return expected_shapes(abstract_text_params(c))
 
 
 def _expected_vision(c: ClipVisionConfig):
-    from hcjax.conditioning.clip import abstract_vision_params
-
     return expected_shapes(abstract_vision_params(c))
 
 
@@ -202,17 +202,11 @@ def np_dtype(name: str | None):
     """``--dtype`` name -> numpy dtype (None keeps the checkpoint's dtype)."""
     if name is None:
         return None
-    import ml_dtypes
-
     return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
 def convert_file(args) -> Path:
     """CLI: ``python -m convert_weights clip --src <file|dir> --out <dir>`` (text tower only)."""
-    from hcjax.checkpoint import save_params
-
-    from .readers import read_state_dict
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")

@@ -1,9 +1,16 @@
 """DiT conversion: the original HunyuanCustom/HunyuanVideo checkpoint or diffusers' transformer -> hcjax params.
 
-``from_original(state_dict, cfg)`` and ``from_diffusers(state_dict, cfg)`` return a nested numpy params dict;
-``check(shapes, cfg, fmt)`` validates names and shapes only (a 13B manifest in about a second). Every table row
-is strict: a missing, unexpected or mis-shaped tensor, or a parameter no row produces, is an error naming it.
-The variant (image / audio / editing, guidance) is read from the key names and must match the config.
+``from_original(state_dict, cfg, fp8_scales=None)`` and ``from_diffusers(state_dict, cfg)`` return a nested
+numpy params dict; ``check(shapes, cfg, fmt)`` validates names and shapes only (a 13B manifest in about a second).
+Every table row is strict: a missing, unexpected or mis-shaped tensor, or a parameter no row produces, is an error
+naming it. The variant (image / audio / editing, guidance) is read from the key names and must match the config.
+
+fp8 release (spec section 7, "fp8 variant"): ``mp_rank_00_model_states_fp8.pt`` holds float8_e4m3fn weights for
+the Linears of the double/single blocks, and ``mp_rank_00_model_states_fp8_map.pt`` holds
+``{'module': {layer_name: scale}}``. Each such weight is de-quantised on load as ``bf16(W_fp8) * bf16(scale)``
+(product rounded to bf16), then cast like every other tensor. ``read_original(path)`` opens a checkpoint and,
+if it holds float8 tensors, its map (``X.pt`` -> ``X_map.pt``); ``find_original_dit(folder)`` picks the bf16 or
+the fp8 file of a released variant folder.
 """
 
 from __future__ import annotations
@@ -12,13 +19,17 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
-from hcjax.config import Config, DiTConfig, load_config
+from hcjax.checkpoint import save_params
+from hcjax.config import PRESET_DIR, Config, DiTConfig, load_config
+from hcjax.dit import abstract_params
 
+from .readers import float8_keys, read_state_dict, torch_to_numpy
 from .rules import (
-    ConversionError, Rule, apply_rules, check_rules, concat, conv3d, expected_shapes, linear, linear_from,
-    linear_to, reshape_to,
+    ConversionError, Rule, _format_list, apply_rules, check_rules, concat, conv3d, expected_shapes, linear,
+    linear_from, linear_to, reshape_to,
 )
 
 FORMATS = ("original", "diffusers")
@@ -260,23 +271,158 @@ def _rules(cfg: DiTConfig, fmt: str) -> list[Rule]:
 
 
 def _expected(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    from hcjax.dit import abstract_params
-
     return expected_shapes(abstract_params(cfg))
+
+
+# ------------------------------------------------------------------------------------------- fp8 release
+
+ORIGINAL_DIT_FILE = "mp_rank_00_model_states.pt"
+ORIGINAL_DIT_FP8_FILE = "mp_rank_00_model_states_fp8.pt"
+
+
+def fp8_map_path(path: str | Path) -> Path:
+    """The original's naming of the scale map beside an fp8 checkpoint: ``X.pt`` -> ``X_map.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_map{path.suffix}")
+
+
+def find_original_dit(folder: str | Path) -> Path:
+    """The DiT file of a released variant folder: the bf16 file if present, else the fp8 one."""
+    folder = Path(folder)
+    for name in (ORIGINAL_DIT_FILE, ORIGINAL_DIT_FP8_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no DiT checkpoint; expected {ORIGINAL_DIT_FILE} or {ORIGINAL_DIT_FP8_FILE} "
+                            f"(+ {fp8_map_path(ORIGINAL_DIT_FP8_FILE).name})")
+
+
+def dequantize_fp8(weight, scale) -> np.ndarray:
+    """``bf16(W_fp8) * bf16(scale)`` with the product rounded to bf16, as the original's fp8 Linear does.
+
+    float8 -> fp32 is exact and the product of an fp8 and a bf16 value is exact in fp32 (12 significant bits),
+    so one fp32 multiply followed by one round-to-nearest-even to bf16 gives the correctly rounded bf16 product.
+    """
+    s = np.asarray(scale)
+    if s.size != 1:
+        raise ValueError(f"an fp8 scale must be a single number, got shape {s.shape}")
+    s32 = s.reshape(()).astype(ml_dtypes.bfloat16).astype(np.float32)
+    return (np.asarray(weight).astype(np.float32) * s32).astype(ml_dtypes.bfloat16)
+
+
+def _scale_array(value) -> np.ndarray:
+    if isinstance(value, (np.ndarray, np.generic, float, int)):
+        return np.asarray(value)
+    return torch_to_numpy(value)  # torch tensors from a caller's own torch.load
+
+
+def _in(mapping) -> str:
+    path = getattr(mapping, "path", None)
+    return f" in {path}" if path is not None else ""
+
+
+def _fp8_scale_table(state: Mapping, fp8_scales: Mapping | None) -> dict[str, np.ndarray]:
+    """Weight key -> scale for every float8 tensor of ``state``; strict in both directions."""
+    f8 = float8_keys(state)
+    src, msrc = _in(state), _in(fp8_scales) if fp8_scales is not None else ""
+    if not f8:
+        if fp8_scales:
+            raise ConversionError(_format_list(f"an fp8 scale map{msrc} was given but the state dict{src} holds no "
+                                               f"float8 tensors; scales for layers", sorted(fp8_scales)))
+        return {}
+    if fp8_scales is None:
+        path = getattr(state, "path", None)
+        where = f"its scale map {fp8_map_path(path)}" if path is not None else "the fp8 scale map ('module' dict)"
+        raise ConversionError(_format_list(f"float8 tensors{src} but no scales were given (need {where})", f8))
+    layers = {k[: -len(".weight")]: k for k in f8 if k.endswith(".weight")}
+    problems = []
+    odd = [k for k in f8 if not k.endswith(".weight")]
+    if odd:
+        problems.append(_format_list(f"float8 tensors{src} that are not Linear weights (the fp8 release quantises "
+                                     f"weights only)", odd))
+    missing = [layer for layer in layers if layer not in fp8_scales]
+    if missing:
+        problems.append(_format_list(f"float8 weights{src} with no scale in the fp8 map{msrc}: layers", missing))
+    unused = sorted(set(fp8_scales) - set(layers))
+    if unused:
+        problems.append(_format_list(f"scales in the fp8 map{msrc} for layers that hold no float8 weight{src}",
+                                     unused))
+    table = {}
+    for layer, key in layers.items():
+        if layer in fp8_scales:
+            scale = _scale_array(fp8_scales[layer])
+            if scale.size != 1:
+                problems.append(f"fp8 scale of layer {layer}{msrc} has shape {scale.shape}; expected one number")
+            table[key] = scale
+    if problems:
+        raise ConversionError("\n".join(problems))
+    return table
+
+
+class _Dequantized(Mapping):
+    """``state`` seen with each float8 weight de-quantised (on access, one tensor at a time)."""
+
+    def __init__(self, state: Mapping, scales: Mapping[str, np.ndarray]):
+        self.state, self.scales = state, scales
+        self.path = getattr(state, "path", None)
+
+    def __getitem__(self, key):
+        w = self.state[key]
+        return dequantize_fp8(w, self.scales[key]) if key in self.scales else w
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
+def read_original(path: str | Path, fp8_map: str | Path | None = None, key: str | None = None):
+    """Open a DiT checkpoint lazily -> ``(state, fp8_scales or None)``.
+
+    ``state``: the ``module`` dict of a ``.pt`` file (``key`` to choose another; weights_only, mmap) or a
+    safetensors file/directory. If it holds float8 tensors, ``fp8_scales`` is the ``module`` dict of ``fp8_map``
+    (default: ``X_map.pt`` beside ``X.pt``, the original's naming); a missing map is an error naming the file.
+    """
+    path = Path(path)
+    state = open_state_dict(path, key)
+    f8 = float8_keys(state)
+    if fp8_map is not None:
+        fp8_map = Path(fp8_map)
+        if not f8:
+            raise ValueError(f"an fp8 scale map ({fp8_map}) was given but {path} holds no float8 tensors")
+        if not fp8_map.is_file():
+            raise FileNotFoundError(f"fp8 scale map not found: {fp8_map}")
+    elif not f8:
+        return state, None
+    else:
+        fp8_map = fp8_map_path(path)
+        if not fp8_map.is_file():
+            raise FileNotFoundError(f"{path} holds {len(f8)} float8 tensors but its scale map {fp8_map} does not "
+                                    f"exist (put it beside the checkpoint or name it with --fp8-map)")
+    return state, read_state_dict(fp8_map, "module")
 
 
 # ------------------------------------------------------------------------------------------- API
 
 
-def convert(state_dict: Mapping[str, np.ndarray], cfg: Config | DiTConfig, fmt: str, dtype=None) -> dict:
+def convert(state_dict: Mapping[str, np.ndarray], cfg: Config | DiTConfig, fmt: str, dtype=None,
+            fp8_scales: Mapping | None = None) -> dict:
     c = _dit_cfg(cfg)
     _check_variant(state_dict.keys(), c, fmt)
+    scales = _fp8_scale_table(state_dict, fp8_scales)
+    if scales:
+        state_dict = _Dequantized(state_dict, scales)
     return apply_rules(_rules(c, fmt), state_dict, _expected(c), what=f"DiT ({fmt} format)", dtype=dtype)
 
 
-def from_original(state_dict: Mapping[str, np.ndarray], cfg: Config | DiTConfig, dtype=None) -> dict:
-    """Original HunyuanCustom state dict (``torch.load(...)['module']``, name -> numpy) -> hcjax params."""
-    return convert(state_dict, cfg, "original", dtype)
+def from_original(state_dict: Mapping[str, np.ndarray], cfg: Config | DiTConfig, fp8_scales: Mapping | None = None,
+                  dtype=None) -> dict:
+    """Original HunyuanCustom state dict (``torch.load(...)['module']``, name -> numpy) -> hcjax params.
+
+    ``fp8_scales``: for the fp8 release, the map file's ``module`` dict (layer name -> 0-d scale); every float8
+    weight is de-quantised (:func:`dequantize_fp8`). float8 tensors without scales, or unused scales, are errors.
+    """
+    return convert(state_dict, cfg, "original", dtype, fp8_scales)
 
 
 def from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: Config | DiTConfig, dtype=None) -> dict:
@@ -302,24 +448,18 @@ def detect_format(keys) -> str:
 
 
 def preset_for(keys, fmt: str) -> Path:
-    from hcjax.config import PRESET_DIR
-
     v = detect_variant(keys, fmt)
     return PRESET_DIR / {"image": "hunyuancustom_720p.yaml", "audio": "hunyuancustom_720p_audio.yaml",
                          "editing": "hunyuancustom_720p_editing.yaml"}[v.name]
 
 
 def convert_file(args) -> Path:
-    """CLI: read ``--src`` (original: weights under ``module``), convert, write an orbax checkpoint."""
-    from hcjax.checkpoint import save_params
-
-    from .readers import read_state_dict
-
+    """CLI: read ``--src`` (original: weights under ``module``; fp8: + its map), convert, write an orbax checkpoint."""
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     src = Path(args.src)
-    sd = _open(src, args.key)
+    sd, scales = read_original(src, getattr(args, "fp8_map", None), args.key)
     fmt = args.format or detect_format(sd.keys())
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}; expected one of {FORMATS}")
@@ -329,15 +469,14 @@ def convert_file(args) -> Path:
         dit = dataclasses.replace(dit, param_dtype=args.dtype)
         cfg = dataclasses.replace(cfg, dit=dit)
     try:
-        params = convert(sd, dit, fmt, dtype=_np_dtype(args.dtype))
+        params = convert(sd, dit, fmt, dtype=_np_dtype(args.dtype), fp8_scales=scales)
     except ConversionError as e:
-        raise ConversionError(f"{src}: {e}") from None
+        raise ConversionError(str(e) if str(src) in str(e) else f"{src}: {e}") from None
     return save_params(out, params, cfg, overwrite=args.overwrite)
 
 
-def _open(src: Path, key: str | None):
-    from .readers import read_state_dict
-
+def open_state_dict(src: Path, key: str | None = None):
+    """A checkpoint's state dict: safetensors file/dir, or a .pt's ``key`` (default ``module``, else top level)."""
     if src.suffix in (".safetensors",) or src.is_dir():
         return read_state_dict(src)
     if key is not None:
@@ -351,6 +490,4 @@ def _open(src: Path, key: str | None):
 def _np_dtype(name):
     if name is None:
         return None
-    import ml_dtypes
-
     return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]

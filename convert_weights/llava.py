@@ -32,8 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hcjax.checkpoint import save_params
+from hcjax.conditioning.llama import abstract_params as llama_abstract_params
+from hcjax.conditioning.llava import abstract_params as llava_abstract_params
 from hcjax.config import Config, LlamaConfig, load_config
 
+from .readers import read_state_dict
 from .clip import _Without, check_layer_shapes, np_dtype, vision_rules
 from .rules import ConversionError, Rule, apply_rules, check_rules, expected_shapes, linear, linear_from, linear_to
 
@@ -116,9 +120,7 @@ def _drop(keys, cfg: Config, fmt: str) -> list[str]:
 
 
 def _expected(cfg: Config):
-    from hcjax.conditioning.llava import abstract_params
-
-    return expected_shapes(abstract_params(cfg))
+    return expected_shapes(llava_abstract_params(cfg))
 
 
 def _as_config(cfg) -> Config:
@@ -151,19 +153,13 @@ def check(shapes: Mapping[str, tuple[int, ...]], cfg: Config, fmt: str | None = 
 
 def from_hf_llama(state_dict: Mapping[str, np.ndarray], cfg: Config | LlamaConfig, dtype=None) -> dict:
     """A standalone transformers ``LlamaModel.state_dict()`` (``embed_tokens``, ``layers.*``, ``norm``)."""
-    from hcjax.conditioning.llama import abstract_params
-
     c = cfg.llama if isinstance(cfg, Config) else cfg
     sd = _Without(state_dict, [k for k in state_dict if _BUFFERS.match(k)])
-    return apply_rules(llama_rules(c), sd, expected_shapes(abstract_params(c)), what="Llama", dtype=dtype)
+    return apply_rules(llama_rules(c), sd, expected_shapes(llama_abstract_params(c)), what="Llama", dtype=dtype)
 
 
 def convert_file(args) -> Path:
     """CLI: ``python -m convert_weights llava --src <model dir | file> --out <dir>``."""
-    from hcjax.checkpoint import save_params
-
-    from .readers import read_state_dict
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")

@@ -2,8 +2,9 @@
 
 ``read_state_dict`` returns a lazy mapping name -> numpy array: tensors are converted only when a rule reads
 them, so converting a large checkpoint never holds two full copies. bf16 / fp8 tensors are viewed through
-their integer bit patterns into ``ml_dtypes`` numpy dtypes (no fp32 round trip). ``read_shapes`` reads only
-metadata (names, shapes, dtypes).
+their integer bit patterns into ``ml_dtypes`` numpy dtypes (no fp32 round trip). Every mapping also has
+``shapes()`` / ``dtypes()`` (metadata only) and ``path`` (the file it came from, for error messages);
+``float8_keys`` lists the float8 tensors of a state dict from that metadata.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ class SafetensorsDict(Mapping):
 
 
 def torch_to_numpy(t) -> np.ndarray:
-    """A CPU torch tensor -> numpy, keeping bf16/fp8 bit-exact through ml_dtypes views."""
+    """A CPU torch tensor (or a plain number) -> numpy, keeping bf16/fp8 bit-exact through ml_dtypes views."""
     import torch
 
+    if not isinstance(t, torch.Tensor):
+        return np.asarray(t)
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -82,10 +85,11 @@ def torch_to_numpy(t) -> np.ndarray:
 
 
 class TorchDict(Mapping):
-    """Lazy numpy view of a dict of torch tensors (converted on access)."""
+    """Lazy numpy view of a dict of torch tensors (converted on access); ``path``: the source file, if any."""
 
-    def __init__(self, tensors: Mapping[str, Any]):
+    def __init__(self, tensors: Mapping[str, Any], path: Path | None = None):
         self.tensors = tensors
+        self.path = path
 
     def __getitem__(self, key):
         return torch_to_numpy(self.tensors[key])
@@ -100,7 +104,7 @@ class TorchDict(Mapping):
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
 
     def dtypes(self) -> dict[str, str]:
-        return {k: str(v.dtype).replace("torch.", "") for k, v in self.tensors.items()}
+        return {k: str(getattr(v, "dtype", type(v).__name__)).replace("torch.", "") for k, v in self.tensors.items()}
 
 
 def _torch_load(path: Path):
@@ -135,16 +139,29 @@ def read_state_dict(path: str | Path, key: str | None = None) -> Mapping[str, np
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: directory has no *.safetensors files")
-        return ShardedDict([SafetensorsDict(f) for f in files])
+        return ShardedDict([SafetensorsDict(f) for f in files], path)
     if path.suffix == ".safetensors":
         return SafetensorsDict(path)
-    return TorchDict(_select(_torch_load(path), key, path))
+    return TorchDict(_select(_torch_load(path), key, path), path)
+
+
+def is_float8_name(dtype: str) -> bool:
+    """A dtype name from ``dtypes()`` (torch ``float8_e4m3fn``, safetensors ``F8_E4M3``, numpy) is a float8."""
+    return dtype.startswith(("float8", "F8_"))
+
+
+def float8_keys(state: Mapping[str, Any]) -> list[str]:
+    """Names of the float8 tensors of ``state``, from metadata when the mapping has ``dtypes()``."""
+    if hasattr(state, "dtypes"):
+        return [k for k, d in state.dtypes().items() if is_float8_name(str(d))]
+    return [k for k, v in state.items() if is_float8_name(np.dtype(v.dtype).name)]
 
 
 class ShardedDict(Mapping):
     """Several safetensors shards seen as one state dict."""
 
-    def __init__(self, shards: list[SafetensorsDict]):
+    def __init__(self, shards: list[SafetensorsDict], path: Path | None = None):
+        self.path = path
         self.where: dict[str, SafetensorsDict] = {}
         for s in shards:
             for k in s:

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,8 +129,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 def expected_shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
     """Flat path -> shape of an abstract (``jax.eval_shape``) params tree (boxed or not)."""
-    import flax.linen as nn
-
     return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params)).items()}
 
 

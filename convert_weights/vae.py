@@ -15,19 +15,19 @@ import functools
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
+from hcjax.checkpoint import save_params
 from hcjax.config import Config, VAEConfig, load_config
+from hcjax.vae import abstract_params, block_plan, vae_config
 
+from .readers import read_state_dict
 from .rules import ConversionError, Rule, apply_rules, check_rules, conv3d, expected_shapes, linear
 
 FORMATS = ("original", "diffusers")
 PREFIX = "vae."
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "hunyuancustom_720p.yaml"
-
-
-def _vae_cfg(cfg: Config | VAEConfig) -> VAEConfig:
-    return cfg.vae if isinstance(cfg, Config) else cfg
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -67,9 +67,7 @@ def _mid(flax: str, key: str, ch: int, attention: bool) -> list[Rule]:
 
 def rules(cfg: Config | VAEConfig) -> list[Rule]:
     """The conversion table (identical names in the original and diffusers formats)."""
-    from hcjax.vae import block_plan
-
-    c = _vae_cfg(cfg)
+    c = vae_config(cfg)
     boc = list(c.block_out_channels)
     down, up = block_plan(c)
     rows = _conv("encoder/conv_in", "encoder.conv_in")
@@ -105,13 +103,11 @@ def rules(cfg: Config | VAEConfig) -> list[Rule]:
 
 def expected(cfg: Config | VAEConfig) -> dict[str, tuple[int, ...]]:
     """Flat parameter path -> shape of the model built from ``cfg`` (``jax.eval_shape``, cached per config)."""
-    return dict(_expected(_vae_cfg(cfg)))
+    return dict(_expected(vae_config(cfg)))
 
 
 @functools.lru_cache(maxsize=8)
 def _expected(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    from hcjax.vae import abstract_params
-
     return expected_shapes(abstract_params(cfg))
 
 
@@ -192,9 +188,6 @@ def detect_format(keys) -> str:
 
 def convert_file(args) -> Path:
     """CLI: ``python -m convert_weights vae --src FILE --out DIR [--format] [--config] [--set] [--dtype]``."""
-    from convert_weights.readers import read_state_dict
-    from hcjax.checkpoint import save_params
-
     cfg = load_config(args.config if args.config else DEFAULT_CONFIG, args.set)
     src = Path(args.src)
     if not src.exists():
@@ -208,8 +201,6 @@ def convert_file(args) -> Path:
         raise ValueError(f"--format {fmt!r} is not a VAE format; expected one of {FORMATS}")
     dtype = np.dtype(args.dtype) if args.dtype else None
     if args.dtype == "bfloat16":
-        import ml_dtypes
-
         dtype = ml_dtypes.bfloat16
     try:
         params = (from_original if fmt == "original" else from_diffusers)(sd, cfg, dtype=dtype)

@@ -16,10 +16,14 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
-from hcjax.config import Config, WhisperConfig, load_config
+from hcjax.checkpoint import save_params
+from hcjax.conditioning.whisper import abstract_params
+from hcjax.config import PRESET_DIR, Config, WhisperConfig, load_config
 
+from .readers import read_state_dict
 from .rules import ConversionError, Rule, apply_rules, check_rules, conv1d, expected_shapes, linear, linear_from, \
     linear_to, reshape_to
 
@@ -90,8 +94,6 @@ class _Renamed(Mapping):
 
 
 def _expected(c: WhisperConfig) -> dict[str, tuple[int, ...]]:
-    from hcjax.conditioning.whisper import abstract_params
-
     return expected_shapes(abstract_params(c))
 
 
@@ -122,11 +124,6 @@ def _source_file(src: Path) -> Path:
 
 def convert_file(args) -> Path:
     """CLI entry: read ``--src``, convert with the ``whisper`` section of ``--config`` (default: the audio preset)."""
-    from hcjax.checkpoint import save_params
-    from hcjax.config import PRESET_DIR
-
-    from .readers import read_state_dict
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
@@ -139,8 +136,6 @@ def convert_file(args) -> Path:
     sd = read_state_dict(src, args.key) if args.key else read_state_dict(src)
     dtype = None
     if args.dtype:
-        import ml_dtypes
-
         dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype]
     try:
         params = convert(sd, cfg.whisper, dtype=dtype)

@@ -22,87 +22,30 @@ more than one device it always runs inside ``jax.shard_map`` (attention is indep
   into an online softmax (any degree; kernels ``xla`` = one dense block per step, ``chunked`` = blockwise).
 
 Token (and batch) counts that the mesh does not divide are padded; padded keys lie beyond every
-``kv_lengths[b]`` and are masked, padded queries are dropped. The mode comes from ``options(...)`` (set by
-``hcjax.sharding.use_mesh``) or an explicit argument. Invalid combinations raise; nothing falls back silently.
+``kv_lengths[b]`` and are masked, padded queries are dropped. The mode is an explicit argument
+(``sequence_parallel``; the DiT passes ``dit.sequence_parallel`` from its static module config, so a jitted
+model retraces per mode). Invalid combinations raise; nothing falls back silently.
 
 ``masked_attention`` is the small dense-mask variant used by the token refiner (arbitrary boolean masks).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from .axes import RING_KERNELS, SEQUENCE_PARALLEL
+
 IMPLS = ("xla", "cudnn", "chunked", "splash")
-SEQUENCE_PARALLEL = ("ulysses", "ring", "auto")
-RING_KERNELS = ("xla", "chunked")       # kernels that expose the running max/sum needed to merge ring steps
 ATTN_LOGICAL = ("act_batch", "act_seq", "act_heads")
 _NEG = -1e30  # finite "minus infinity": a fully masked row can never produce NaN
-
-
-# ------------------------------------------------------------------------------------------- options
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionOptions:
-    """How the dispatcher parallelises over the ``sequence`` mesh axis and runs Pallas kernels."""
-
-    sequence_parallel: str = "ulysses"   # ulysses | ring | auto (ulysses when the heads allow it, else ring)
-    interpret: bool = False              # splash: run the Pallas kernel in interpret mode (CPU tests)
-    rules: tuple = ()                    # the Flax logical rules in force (set by hcjax.sharding.use_mesh); kept
-                                         # here so that jitted functions retrace when the rules change
-
-    def __post_init__(self):
-        if self.sequence_parallel not in SEQUENCE_PARALLEL:
-            raise ValueError(f"sequence_parallel={self.sequence_parallel!r}; expected one of {SEQUENCE_PARALLEL}")
-
-
-def _options_state():
-    """A JAX config state holding the options: part of the trace context and jit cache key, so a function jitted
-    under one mode is retraced (not silently reused) under another. Falls back to a context variable if this JAX
-    has no such hook (then trace under each setting with a fresh jit)."""
-    try:
-        from jax._src import config as jax_config
-
-        return jax_config.string_or_object_state(
-            "hcjax_attention_options", AttentionOptions(), help="hcjax attention dispatch options",
-            include_in_jit_key=True, include_in_trace_context=True)
-    except Exception:  # pragma: no cover - depends on JAX internals
-        return None
-
-
-_STATE = _options_state()
-_OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("hcjax_attention",
-                                                                           default=AttentionOptions())
-
-
-def current_options() -> AttentionOptions:
-    return _STATE.value if _STATE is not None else _OPTIONS.get()
-
-
-@contextlib.contextmanager
-def options(**kwargs):
-    """Set :class:`AttentionOptions` fields for calls traced inside the block (e.g. ``sequence_parallel="ring"``).
-
-    Read at trace time; the options are part of JAX's trace context, so jitted functions retrace per setting.
-    """
-    new = dataclasses.replace(current_options(), **kwargs)
-    if _STATE is not None:
-        with _STATE(new):
-            yield new
-        return
-    token = _OPTIONS.set(new)
-    try:
-        yield new
-    finally:
-        _OPTIONS.reset(token)
+__all__ = ["ATTN_LOGICAL", "IMPLS", "RING_KERNELS", "SEQUENCE_PARALLEL", "attention_partition",
+           "chunked_attention", "dot_product_attention", "masked_attention", "splash_attention"]
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -118,27 +61,27 @@ def dot_product_attention(
     block_q: int = 512,
     block_kv: int = 512,
     mesh=None,
-    sequence_parallel: str | None = None,
-    interpret: bool | None = None,
+    sequence_parallel: str = "ulysses",
+    interpret: bool = False,
 ) -> jax.Array:
-    """Key-padded attention ``[B, L, N, K] -> [B, L, N, K]``; ``mesh`` defaults to the context mesh."""
+    """Key-padded attention ``[B, L, N, K] -> [B, L, N, K]``; ``mesh`` defaults to the context mesh.
+
+    ``sequence_parallel`` (``ulysses | ring | auto``) applies under a mesh with a ``sequence`` axis; ``interpret``
+    runs the splash kernel in Pallas interpret mode (CPU tests)."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q [B,L,N,K] and k, v [B,S,N,K]; got {q.shape}, {k.shape}, {v.shape}")
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
     if kv_lengths.shape != (q.shape[0],):
         raise ValueError(f"kv_lengths must be [B]=[{q.shape[0]}]; got {tuple(kv_lengths.shape)}")
-    opts = current_options()
-    sp_mode = sequence_parallel if sequence_parallel is not None else opts.sequence_parallel
-    if sp_mode not in SEQUENCE_PARALLEL:
-        raise ValueError(f"sequence_parallel={sp_mode!r}; expected one of {SEQUENCE_PARALLEL}")
-    interpret = opts.interpret if interpret is None else interpret
+    if sequence_parallel not in SEQUENCE_PARALLEL:
+        raise ValueError(f"sequence_parallel={sequence_parallel!r}; expected one of {SEQUENCE_PARALLEL}")
     kv_lengths = kv_lengths.astype(jnp.int32)
-    kernel = functools.partial(_local, impl=impl, block_q=block_q, block_kv=block_kv, interpret=interpret)
+    kernel = functools.partial(_local, impl=impl, block_q=block_q, block_kv=block_kv, interpret=bool(interpret))
     mesh = _context_mesh(mesh)
     if mesh is None:
         return kernel(q, k, v, kv_lengths)
-    return _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv)
+    return _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sequence_parallel, block_q, block_kv)
 
 
 def _local(q, k, v, kv_lengths, *, impl, block_q, block_kv, interpret):
@@ -172,8 +115,6 @@ def _mesh_axes(entry, mesh) -> tuple[str, ...]:
 
 def attention_partition(mesh) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Mesh axes of (batch, sequence, heads) of ``q [B, L, N, K]`` from the active Flax logical rules."""
-    import flax.linen as nn
-
     if not nn.get_logical_axis_rules():
         raise ValueError(
             f"attention under a {dict(mesh.shape)} mesh needs Flax logical axis rules for {ATTN_LOGICAL} "

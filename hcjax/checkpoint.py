@@ -7,6 +7,9 @@ Layout of a converted-weights directory::
 
 Writes go to a temporary sibling directory that is renamed into place at the end, so a failed write never
 leaves a partial checkpoint, and an existing directory is never overwritten unless ``overwrite=True``.
+
+:func:`random_params` fills a params tree of given shapes with seeded random values (numpy, no compiled init):
+the one source of random weights (the embedded random models, the demo's text towers, VAE training from scratch).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from .config import Config, config_from_json, to_dict
+from .config import Config, ConfigError, config_from_json, to_dict
 
 
 def save_params(path: str | Path, params: Any, cfg: Config, *, overwrite: bool = False) -> Path:
@@ -62,6 +67,32 @@ def load_params(path: str | Path, abstract: Any = None) -> Any:
     if abstract is None:
         return ckptr.restore(path / "params")
     return ckptr.restore(path / "params", jax.tree.map(_as_struct, abstract))
+
+
+def random_params(spec: Callable | Any, seed: int, std: float | None = 0.02) -> Any:
+    """Seeded random numpy weights with the structure of ``spec`` without compiling any init.
+
+    ``spec``: an ``init_fn(key) -> params`` (traced with ``jax.eval_shape`` only) or an abstract params tree
+    (``ShapeDtypeStruct`` leaves, boxed or not). Norm scales (leaves named ``scale``) are 1 and biases 0; every other
+    tensor is ``N(0, std)``, or with ``std=None`` ``N(0, 1 / fan_in)`` (``fan_in`` = product of all but the last
+    dimension) for tensors of rank >= 2 and 0 for lower ranks. Values are drawn from ``numpy.random.default_rng(seed)``
+    in tree order, in each leaf's dtype.
+    """
+    abstract = jax.eval_shape(spec, jax.random.key(0)) if callable(spec) else spec
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if name == "scale":
+            return np.ones(shape, dtype)
+        if name == "bias" or (std is None and len(shape) < 2):
+            return np.zeros(shape, dtype)
+        if std is None:
+            return (rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[:-1])))).astype(dtype)
+        return (rng.standard_normal(shape) * std).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
 
 
 def _as_struct(x):
@@ -151,7 +182,8 @@ def export_training_params(checkpoints: str | Path, out: str | Path, *, step: in
 
 
 # DiT fields that only change how the model executes, not its parameters.
-_EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "remat"}
+_EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "sequence_parallel",
+                     "attention_interpret", "remat"}
 
 
 def dit_differences(saved_dit: dict, cfg: Config) -> tuple[list[str], list[str]]:
@@ -172,8 +204,6 @@ def resume_differences(saved: dict, cfg: Config) -> list[str]:
     the other differences (learning rate, data, batch, ...) as messages for the log: resuming with them is allowed
     but the run is then no longer a bitwise continuation.
     """
-    from .config import ConfigError
-
     current = to_dict(cfg)
     errors, notes = dit_differences(saved.get("dit", {}), cfg)
     old_ema, new_ema = saved.get("train", {}).get("ema_decay", 0.0) > 0, cfg.train.ema_decay > 0

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .axes import fit_spec
+
 Dtype = Any
 
 
@@ -37,7 +39,7 @@ def gathered(w: jax.Array, names: Sequence[str | None]) -> jax.Array:
     Weights are *stored* sharded over ``embed`` (the FSDP / sequence axes of ``hcjax.sharding``, ZeRO-3) and must
     be all-gathered per layer before use; this states that explicitly (the gradient gets the matching
     reduce-scatter). A no-op outside a mesh / rules context; mesh axes that do not divide a dimension are dropped
-    (``hcjax.sharding._fit``), as in the stored sharding.
+    (``hcjax.axes.fit_spec``), as in the stored sharding.
 
     Without it the SPMD partitioner picks the strategy itself, and XLA (jaxlib 0.10.2; GSPMD and Shardy alike)
     miscompiles a matmul whose LHS rows are sharded over two mesh axes (``data, fsdp``), one of which (``fsdp``)
@@ -57,10 +59,8 @@ def gathered(w: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
         return w
-    from .sharding import _fit
-
     names = tuple(None if n == "embed" else n for n in names)
-    spec = _fit(nn.logical_to_mesh_axes(names, rules), tuple(w.shape), mesh)
+    spec = fit_spec(nn.logical_to_mesh_axes(names, rules), tuple(w.shape), mesh)
     return jax.lax.with_sharding_constraint(w, spec)
 
 

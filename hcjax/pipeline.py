@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax.struct
@@ -19,10 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import DiTConfig
+from .conditioning.text import TextEncoders, encode_prompts
+from .conditioning.video import bg_latents_from_files
+from .conditioning.whisper import audio_prompts_from_file
+from .config import PRESET_DIR, Config, DiTConfig, SampleConfig
 from .dit import HunyuanDiT, StepCache
 from .layers import to_dtype
+from .media import pad_resize, read_image, to_uint8
 from .scheduler import deepcache_mask, euler_step
+from .scheduler import sigmas as make_sigmas
+from .vae import decode_latents, encode_video
+
+DEFAULT_REF_IMAGE = "assets/demo_subject.png"
 
 
 @flax.struct.dataclass
@@ -41,10 +50,12 @@ class Conditions:
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    cfg_scale: float = 7.5
-    ip_cfg_scale: float = 0.0
-    use_deepcache: bool = True
-    audio_strength: float = 1.0
+    """Guidance and step-cache settings of the compiled loop (defaults: :class:`hcjax.config.SampleConfig`)."""
+
+    cfg_scale: float = SampleConfig.cfg_scale
+    ip_cfg_scale: float = SampleConfig.ip_cfg_scale
+    use_deepcache: bool = SampleConfig.use_deepcache
+    audio_strength: float = SampleConfig.audio_strength
 
     def branches(self) -> int:
         if self.ip_cfg_scale > 0:
@@ -103,6 +114,24 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
                          conds.text_mask, conds.text_states_2, ref_latents=conds.ref_latents,
                          bg_latents=conds.bg_latents, **extra, **kw)
 
+    def model_passes(params, x, t, conds: Conditions, **kw):
+        """``model`` with the guidance branches in passes of ``cfg.cfg_batch`` (0 = one pass); ``lax.map`` runs
+        the passes one after another, so only one pass's activations are alive (same numbers)."""
+        g, b = cfg.cfg_batch, conds.batch
+        if g <= 0 or g >= b:
+            return model(params, x, t, conds, **kw)
+        if b % g:
+            raise ValueError(f"dit.cfg_batch={g} must divide the number of guidance branches ({b})")
+        split = lambda a: a.reshape(b // g, g, *a.shape[1:])  # noqa: E731
+        cache = kw.pop("cache", None)
+
+        def one(xs):
+            c, cx = xs
+            return model(params, x, t, c, **kw, **({} if cx is None else {"cache": StepCache(cx)}))
+
+        out = jax.lax.map(one, (jax.tree.map(split, conds), None if cache is None else split(cache.x)))
+        return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
+
     @jax.jit
     def denoise(params, noise, conds: Conditions, sig):
         if conds.batch != guidance.branches():
@@ -116,15 +145,15 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
             t = sig[i] * 1000.0
             if use_cache:
                 def full(_):
-                    v, c = model(params, x, t, conds, return_cache=True)
+                    v, c = model_passes(params, x, t, conds, return_cache=True)
                     return v, c.x.astype(cache.dtype)
 
                 def cached(_):
-                    return model(params, x, t, conds, cache=StepCache(cache)), cache
+                    return model_passes(params, x, t, conds, cache=StepCache(cache)), cache
 
                 v, cache = jax.lax.cond(flags[i], cached, full, None)
             else:
-                v = model(params, x, t, conds)
+                v = model_passes(params, x, t, conds)
             v = combine(v, i, num_steps, guidance, dtype)
             x = euler_step(x, v, sig[i], sig[i + 1])
             if report_steps:
@@ -176,46 +205,71 @@ def python_loop_reference(cfg: DiTConfig, num_steps: int, guidance: Guidance, pa
 
 
 # ============================================================================================ end to end
+#
+# generate = prepare (checks, VAE-encoded references, text states, guidance batch, noise) -> denoise (the compiled
+# loop) -> decode (VAE) ; each usable alone, e.g. to swap the noise, batch several requests or keep the latents.
+
+_SC = SampleConfig()
 
 
 @dataclasses.dataclass
 class Models:
-    """Everything sampling needs, loaded once: config, DiT and VAE params, text encoders, optional Whisper."""
+    """Everything sampling needs, loaded once (by :func:`hcjax.models.load`)."""
 
-    cfg: Any                          # hcjax.config.Config
-    dit: Any
-    vae: Any
-    text: Any                         # hcjax.conditioning.llava.TextEncoders
-    whisper: Any = None
-    whisper_extractor: Any = None
+    cfg: Config
+    dit: Any                          # DiT params tree
+    vae: Any                          # VAE params tree
+    text: TextEncoders
+    whisper: Any = None               # Whisper params (audio model)
+    whisper_extractor: Any = None     # transformers WhisperFeatureExtractor (audio model)
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One sampling job (defaults as the released image-mode scripts, spec 6.5)."""
+    """One sampling job. Defaults are :class:`hcjax.config.SampleConfig`'s (the released image-mode settings, spec
+    6.5); :meth:`from_config` takes them from a model's ``sample:`` section instead."""
 
     ref_image: Any
     pos_prompt: str
-    neg_prompt: str = ""
-    item_name: str = "object"
-    video_size: tuple[int, int] = (720, 1280)         # (height, width)
-    frames: int = 129
-    steps: int = 30
-    flow_shift: float = 13.0
-    cfg_scale: float = 7.5
-    ip_cfg_scale: float = 0.0
-    use_deepcache: bool = True
-    seed: int = 1024
+    neg_prompt: str = _SC.neg_prompt
+    item_name: str = _SC.item_name
+    video_size: tuple[int, int] = _SC.video_size       # (height, width)
+    frames: int = _SC.frames
+    steps: int = _SC.steps
+    flow_shift: float = _SC.flow_shift
+    cfg_scale: float = _SC.cfg_scale
+    ip_cfg_scale: float = _SC.ip_cfg_scale
+    use_deepcache: bool = _SC.use_deepcache
+    seed: int = _SC.seed
     input_audio: str | None = None
-    audio_strength: float = 0.8
+    audio_strength: float = _SC.audio_strength
     input_video: str | None = None
     mask_video: str | None = None
-    expand_scale: int = 5
-    fps: int = 25
+    expand_scale: int = _SC.expand_scale
+    fps: int = _SC.fps
     sample_posterior: bool = True     # VAE encodes sample the posterior as the original does (spec 4.6)
 
+    @classmethod
+    def from_config(cls, sc: SampleConfig, **flags) -> "Request":
+        """A request whose unset fields (absent or ``None``) come from ``sc``; ``sc.ref_image`` is relative to the
+        repository root."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown request fields {unknown}")
+        defaults = {f.name: getattr(sc, f.name) for f in dataclasses.fields(cls) if hasattr(sc, f.name)}
+        defaults["ref_image"] = str(PRESET_DIR.parent / (sc.ref_image or DEFAULT_REF_IMAGE))
+        merged = {**defaults, **given}
+        merged["video_size"] = tuple(merged["video_size"])
+        return cls(**merged)
 
-def validate_request(cfg, req: Request) -> None:
+    def guidance(self) -> Guidance:
+        return Guidance(cfg_scale=self.cfg_scale, ip_cfg_scale=self.ip_cfg_scale, use_deepcache=self.use_deepcache,
+                        audio_strength=self.audio_strength)
+
+
+def validate_request(cfg: Config, req: Request) -> None:
+    """Every check that needs no file contents or weights (called before loading anything)."""
     h, w = req.video_size
     editing = req.input_video is not None or req.mask_video is not None
     if editing:
@@ -238,45 +292,54 @@ def validate_request(cfg, req: Request) -> None:
         raise ValueError("--ip-cfg-scale is only supported by the image model (spec 6.3)")
     if req.steps < 1:
         raise ValueError(f"--infer-steps must be >= 1; got {req.steps}")
+    if req.fps < 1:
+        raise ValueError(f"--fps must be >= 1; got {req.fps}")
     if cfg.dit.text_states_dim != cfg.llama.hidden_size or cfg.dit.text_states_dim_2 != cfg.clip_text.hidden_size:
         raise ValueError("config mismatch: dit.text_states_dim/text_states_dim_2 must equal llama.hidden_size/"
                          "clip_text.hidden_size")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The DiT's inputs for one request: guidance-batched conditions, initial latents and the sigma schedule."""
+
+    conds: Conditions
+    noise: jax.Array                  # [1, T', H', W', C] initial latents (noise, or a noised start, see init)
+    sigmas: np.ndarray                # [steps + 1] (a tail of the schedule when starting from a noised clip)
+    guidance: Guidance
+    timings: dict
 
 
 def _pixels(img_uint8: np.ndarray) -> np.ndarray:
     return (img_uint8.astype(np.float32) / 255.0) * 2.0 - 1.0
 
 
-def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.ndarray, dict]:
-    """Run one request -> (uint8 frames ``[F, h, w, 3]``, timings). ``on_step(i)`` is called after each step.
+def latent_shape(cfg: Config, frames: int, height: int, width: int) -> tuple[int, ...]:
+    v = cfg.vae
+    return (1, (frames - 1) // v.time_compression_ratio + 1, height // v.spatial_compression_ratio,
+            width // v.spatial_compression_ratio, cfg.dit.in_channels)
+
+
+def prepare(models: Models, req: Request, init=None) -> Prepared:
+    """Checks, reference/background/audio conditions, text states and the initial latents of one request.
 
     ``init = (latents, sigma)`` (a diagnostic, SDEdit-style): start from ``latents`` ``[1, T', H', W', C]`` noised
     to the first schedule sigma at or below ``sigma`` and run only the remaining steps, instead of from noise."""
-    import time
-
-    from .conditioning.llava import encode_prompts, load_rgb, pad_resize
-    from .io import to_uint8
-    from .scheduler import sigmas as make_sigmas
-    from .vae import decode_latents, encode_video
-
     cfg = models.cfg
     validate_request(cfg, req)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    key = jax.random.key(req.seed)
-    k_noise, k_ref, k_white, k_bg = jax.random.split(key, 4)
+    k_noise, k_ref, k_white, k_bg = jax.random.split(jax.random.key(req.seed), 4)
     post = (lambda k: k) if req.sample_posterior else (lambda k: None)
 
     bg_latents = None
     if cfg.dit.video_condition:
-        from .conditioning.video import bg_latents_from_files
-
         bg_latents, (frames, h, w) = bg_latents_from_files(req.input_video, req.mask_video, models.vae, cfg.vae,
                                                            req.expand_scale, key=post(k_bg))
     else:
         frames, (h, w) = req.frames, req.video_size
-    ref_rgb = load_rgb(req.ref_image)
-    ref_pix = _pixels(pad_resize(ref_rgb, w, h))[None, None]                   # [1, 1, h, w, 3]
+    ref_rgb = read_image(req.ref_image)
+    ref_pix = _pixels(pad_resize(ref_rgb, h, w))[None, None]                   # [1, 1, h, w, 3]
     ref_latents = encode_video(models.vae, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
     timings["vae_encode_s"] = time.perf_counter() - t0
 
@@ -285,12 +348,9 @@ def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.
                               item_names=req.item_name)
     timings["text_encode_s"] = time.perf_counter() - t1
 
-    g = Guidance(cfg_scale=req.cfg_scale, ip_cfg_scale=req.ip_cfg_scale, use_deepcache=req.use_deepcache,
-                 audio_strength=req.audio_strength)
+    g = req.guidance()
     audio = None
     if cfg.dit.audio_condition:
-        from .conditioning.whisper import audio_prompts_from_file
-
         audio = jnp.asarray(audio_prompts_from_file(req.input_audio, models.whisper, cfg.whisper, frames,
                                                     extractor=models.whisper_extractor))
     branches = g.branches()
@@ -302,18 +362,17 @@ def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.
     else:
         order = [(pos, ref_latents)]
     cat = lambda xs: jnp.concatenate([jnp.asarray(x) for x in xs], axis=0)  # noqa: E731
+    dtype = to_dtype(cfg.dit.dtype)
     conds = Conditions(
-        text_states=cat([c.text_states for c, _ in order]).astype(to_dtype(cfg.dit.dtype)),
+        text_states=cat([c.text_states for c, _ in order]).astype(dtype),
         text_mask=cat([c.text_mask for c, _ in order]),
-        text_states_2=cat([c.text_states_2 for c, _ in order]).astype(to_dtype(cfg.dit.dtype)),
+        text_states_2=cat([c.text_states_2 for c, _ in order]).astype(dtype),
         ref_latents=cat([r for _, r in order]),
         audio_features=None if audio is None else (
             cat([jnp.zeros_like(audio), audio]) if branches == 2 else audio),
         bg_latents=None if bg_latents is None else jnp.concatenate([bg_latents] * branches, axis=0),
     )
-    v = cfg.vae
-    lat_shape = (1, (frames - 1) // v.time_compression_ratio + 1, h // v.spatial_compression_ratio,
-                 w // v.spatial_compression_ratio, cfg.dit.in_channels)
+    lat_shape = latent_shape(cfg, frames, h, w)
     noise = initial_noise(k_noise, lat_shape)
     sig = make_sigmas(req.steps, req.flow_shift)
     if init is not None:
@@ -325,20 +384,62 @@ def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.
             raise ValueError(f"init sigma must be in (0, 1] and above the last step's {sig[-2]:.3f}; got {start}")
         sig = sig[first:]
         noise = (1.0 - sig[0]) * jnp.asarray(init_latents, jnp.float32) + sig[0] * noise
-    denoise = make_denoise_fn(cfg.dit, len(sig) - 1, g, report_steps=on_step is not None)
-    t2 = time.perf_counter()
+    timings["prepare_s"] = time.perf_counter() - t0
+    return Prepared(conds, noise, sig, g, timings)
+
+
+_COMPILED: dict = {}
+COMPILE_COUNT = [0]                   # denoise loops compiled in this process (tests, batch runs)
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def compile_denoise(models: Models, prep: Prepared, report_steps: bool = False):
+    """The AOT-compiled denoise loop for ``prep``'s shapes: compiled once per (settings, shapes, shardings) in this
+    process and reused for every later request of the same kind."""
+    steps = len(prep.sigmas) - 1
+    fn = make_denoise_fn(models.cfg.dit, steps, prep.guidance, report_steps=report_steps)
+    args = (models.dit, prep.noise, prep.conds, jnp.asarray(prep.sigmas))
+    key = (fn, _signature(args))
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args).compile()
+        COMPILE_COUNT[0] += 1
+    return _COMPILED[key]
+
+
+def denoise(models: Models, prep: Prepared, on_step=None) -> jax.Array:
+    """The compiled loop over ``prep``'s schedule -> final latents ``[1, T', H', W', C]`` (fp32).
+    ``on_step(i)`` is called after each step (from inside the compiled loop)."""
+    steps = len(prep.sigmas) - 1
+    fn = compile_denoise(models, prep, report_steps=on_step is not None)
+    t0 = time.perf_counter()
     if on_step is not None:
         _STEP_HOOKS.append(on_step)
     try:
-        latents = jax.block_until_ready(denoise(models.dit, noise, conds, jnp.asarray(sig)))
+        latents = jax.block_until_ready(fn(models.dit, prep.noise, prep.conds, jnp.asarray(prep.sigmas)))
     finally:
         if on_step is not None:
             _STEP_HOOKS.remove(on_step)
-    timings["denoise_s"] = time.perf_counter() - t2
-    timings["s_per_step"] = timings["denoise_s"] / (len(sig) - 1)
-    t3 = time.perf_counter()
-    pixels = decode_latents(models.vae, cfg.vae, latents)
-    frames_u8 = to_uint8(np.asarray(pixels)[0])
-    timings["vae_decode_s"] = time.perf_counter() - t3
-    timings["total_s"] = time.perf_counter() - t0
-    return frames_u8, timings
+    prep.timings["denoise_s"] = time.perf_counter() - t0
+    prep.timings["s_per_step"] = prep.timings["denoise_s"] / steps
+    return latents
+
+
+def decode(models: Models, latents: jax.Array) -> np.ndarray:
+    """Latents ``[1, T', H', W', C]`` -> uint8 frames ``[F, h, w, 3]`` (tiled VAE decode)."""
+    return to_uint8(np.asarray(decode_latents(models.vae, models.cfg.vae, latents))[0])
+
+
+def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.ndarray, dict]:
+    """One request -> (uint8 frames ``[F, h, w, 3]``, timings): :func:`prepare`, :func:`denoise`, :func:`decode`."""
+    t0 = time.perf_counter()
+    prep = prepare(models, req, init=init)
+    latents = denoise(models, prep, on_step)
+    t1 = time.perf_counter()
+    frames = decode(models, latents)
+    prep.timings["vae_decode_s"] = time.perf_counter() - t1
+    prep.timings["total_s"] = time.perf_counter() - t0
+    return frames, prep.timings

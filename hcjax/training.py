@@ -2,9 +2,13 @@
 
 Objective, consistent with the sampler (:mod:`hcjax.scheduler`): ``sigma ~ shift(logit-normal | uniform)``,
 ``x_sigma = (1 - sigma) x0 + sigma eps``, the DiT sees ``t = 1000 sigma`` and regresses the velocity
-``eps - x0`` (MSE, fp32). Reference-image conditioning uses ``ref_latents [B, 1, h, w, C]`` (a frame of the clip
-or a separate image, see :mod:`hcjax.data`). Condition dropout for CFG, per sample: text -> the negative-branch
-conditioning (``null``), image -> white-image reference latents, audio -> zeros (spec 3.4, 2.1, 2.3).
+``eps - x0`` (MSE, fp32). The batch is a :class:`hcjax.data.TrainBatch` (shapes there): reference-image
+conditioning uses ``ref_latents [B, 1, H, W, C]`` (a frame of the clip or a separate image, see :mod:`hcjax.data`);
+the audio model gets ``audio_features``, the editing model ``bg_latents [B, T, H, W, 2C]`` (the clip with the
+subject masked out + the mask, :mod:`hcjax.data.encode`). Condition dropout for CFG, per sample: text -> the
+negative-branch conditioning (``null``: ``text_states [S, D]``, ``text_mask [S]``, ``text_states_2 [D2]``),
+image -> white-image reference latents, audio -> zeros (spec 3.4, 2.1, 2.3); ``bg_latents`` are never dropped
+(sampling gives both CFG branches the same ones, spec 5.11).
 
 State: a plain dict ``{"step": int32[], "params", "opt_state", ("ema")}``; params are fp32 master weights,
 the DiT computes in ``dit.dtype`` (bf16 for mixed precision) and ``dit.remat`` picks the checkpoint policy of
@@ -12,7 +16,8 @@ the scanned blocks. Optimiser: global-norm clipping then AdamW (decay on kernels
 and cosine (or constant) decay. :func:`make_train_step` returns a pure jitted ``(state, batch, null) -> (state,
 metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite loss or gradient
 leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
-a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``.
+a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``; in raw mode it encodes each
+batch with :class:`hcjax.data.encode.Encoders` over the text encoders it is given (``train.py`` loads them).
 """
 
 from __future__ import annotations
@@ -33,14 +38,20 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from . import dit, sharding
+from .checkpoint import (TrainCheckpoints, dit_differences, load_checkpoint_config, load_params,
+                         resume_differences)
 from .config import Config, ConfigError, to_dict
+from .data import Loader, TrainBatch, sources
+from .data.batch import TEXT_KEYS
+from .data.encode import Encoders, check_compatible
 from .scheduler import training_sigmas
 
 log = logging.getLogger("hcjax.training")
 
-NULL_KEYS = ("text_states", "text_mask", "text_states_2")
+NULL_KEYS = TEXT_KEYS           # the null (negative-branch) text conditioning: text_states, text_mask, text_states_2
 
 
 class NonFiniteError(RuntimeError):
@@ -60,7 +71,8 @@ def make_mesh(cfg: Config, devices=None):
 
 @contextlib.contextmanager
 def mesh_context(mesh, rules, cfg: Config | None = None):
-    """Trace the model under ``mesh``: logical rules (activation constraints) and attention options."""
+    """Trace the model under ``mesh`` with the logical ``rules`` (activation constraints); attention's sequence
+    parallelism comes from ``cfg.dit`` (static module config)."""
     with sharding.use_mesh(mesh, None if cfg is None else cfg.mesh, rules=rules):
         yield
 
@@ -79,7 +91,7 @@ def check_batch(cfg: Config, mesh) -> int:
 
 
 def param_shardings(cfg: Config, mesh, rules):
-    return sharding.param_shardings(cfg.dit, mesh, rules)
+    return sharding.param_shardings(dit.abstract_params(cfg.dit), mesh, rules)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
@@ -159,8 +171,6 @@ def create_state(cfg: Config, mesh, rules, optimizer, key=None, params=None) -> 
 
 def load_init_params(cfg: Config, mesh, rules):
     """Converted DiT weights from ``train.init_from`` restored straight into their shardings (fp32)."""
-    from .checkpoint import dit_differences, load_checkpoint_config, load_params
-
     path = cfg.train.init_from
     errors, _ = dit_differences(to_dict(load_checkpoint_config(path))["dit"], cfg)
     errors = [e for e in errors if not e.startswith("dit.param_dtype")]     # restored (cast) into fp32
@@ -174,39 +184,39 @@ def load_init_params(cfg: Config, mesh, rules):
 # ------------------------------------------------------------------------------------------- objective
 
 
-def apply_dropout(batch: dict, null: dict, key, tc) -> dict:
+def apply_dropout(batch: TrainBatch, null: dict, key, tc) -> TrainBatch:
     """Per-sample condition dropout for CFG (text -> ``null``, image -> white reference, audio -> zeros)."""
-    b = batch["latents"].shape[0]
+    b = batch.latents.shape[0]
     u = jax.random.uniform(key, (3, b))
     drop_t, drop_i, drop_a = u[0] < tc.drop_text, u[1] < tc.drop_image, u[2] < tc.drop_audio
 
     def sel(mask, a, b_):
         return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)
 
-    out = dict(batch)
+    new = {}
     for k in NULL_KEYS:
-        out[k] = sel(drop_t, jnp.broadcast_to(null[k].astype(batch[k].dtype), batch[k].shape), batch[k])
-    out["ref_latents"] = sel(drop_i, batch["null_ref_latents"], batch["ref_latents"])
-    if "audio_features" in batch:
-        out["audio_features"] = sel(drop_a, jnp.zeros_like(batch["audio_features"]), batch["audio_features"])
-    return out
+        x = getattr(batch, k)
+        new[k] = sel(drop_t, jnp.broadcast_to(null[k].astype(x.dtype), x.shape), x)
+    new["ref_latents"] = sel(drop_i, batch.null_ref_latents, batch.ref_latents)
+    if batch.audio_features is not None:
+        new["audio_features"] = sel(drop_a, jnp.zeros_like(batch.audio_features), batch.audio_features)
+    return batch.replace(**new)
 
 
-def flow_matching_loss(params, batch: dict, null: dict, key, cfg: Config):
+def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config):
     """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32)."""
     tc = cfg.train
-    x0 = batch["latents"].astype(jnp.float32)
+    x0 = batch.latents.astype(jnp.float32)
     b = x0.shape[0]
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     sigma = training_sigmas(k_sigma, b, tc.flow_shift, tc.timestep_sampling)
     eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
     s = sigma.reshape(b, 1, 1, 1, 1)
     xt = (1.0 - s) * x0 + s * eps
-    cond = apply_dropout(batch, null, k_drop, tc)
-    extra = {"audio_features": cond["audio_features"]} if "audio_features" in cond else {}
-    v = dit.HunyuanDiT(cfg.dit).apply({"params": params}, xt, 1000.0 * sigma, cond["text_states"],
-                                      cond["text_mask"], cond["text_states_2"], ref_latents=cond["ref_latents"],
-                                      **extra)
+    c = apply_dropout(batch, null, k_drop, tc)
+    v = dit.HunyuanDiT(cfg.dit).apply({"params": params}, xt, 1000.0 * sigma, c.text_states, c.text_mask,
+                                      c.text_states_2, ref_latents=c.ref_latents, bg_latents=c.bg_latents,
+                                      audio_features=c.audio_features)
     loss = jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
     return loss, {"sigma_mean": jnp.mean(sigma)}
 
@@ -215,7 +225,8 @@ def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: boo
                     compiler_options: dict | None = None) -> Callable:
     """Jitted ``(state, batch, null) -> (state, metrics)`` with in/out shardings on ``mesh``, state donated.
 
-    ``batch`` arrays are global arrays sharded on their leading axis (``act_batch``), ``null`` is replicated.
+    ``batch`` is a :class:`TrainBatch` of global arrays sharded on their leading axis (``act_batch``), ``null``
+    (the :data:`NULL_KEYS` dict) is replicated.
     ``metrics``: ``loss``, ``grad_norm`` (before clipping), ``lr`` (of this step), ``finite``; plus ``grads`` with
     ``with_grads`` (tests). ``compiler_options`` go to ``jax.jit`` (XLA debug options).
     """
@@ -261,10 +272,10 @@ def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: boo
     return train_step
 
 
-def to_global(batch: dict, mesh, rules) -> dict:
+def to_global(batch: TrainBatch, mesh, rules) -> TrainBatch:
     """This host's numpy batch -> global arrays sharded over the batch axes of ``mesh``."""
     sh = batch_sharding(mesh, rules)
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sh, np.asarray(v)), batch)
 
 
 def device_null(null: dict, mesh) -> dict:
@@ -310,25 +321,22 @@ class MetricsLog:
 def _null_conditioning(cfg: Config, loader, encoders) -> dict:
     if encoders is not None:
         return encoders.null_text()
-    from .data import sources
-    from .precompute import check_compatible
-
     check_compatible(loader.index, cfg, cfg.train.data.path)
     with np.load(Path(cfg.train.data.path) / sources.NULL) as z:
         return {k: z[k] for k in NULL_KEYS}
 
 
 def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: Callable = print,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, text_encoders=None) -> dict:
     """Run (or resume) training in ``workdir``; returns ``{"step", "loss", "skipped", ...}`` of the last step.
 
     ``workdir/checkpoints`` (orbax), ``workdir/metrics.jsonl``, ``workdir/config.json`` (this run's config) and
-    ``workdir/tensorboard``. Refuses to start over existing checkpoints without ``resume``.
+    ``workdir/tensorboard``. Refuses to start over existing checkpoints without ``resume``. ``text_encoders``:
+    the loaded text encoders raw mode needs with ``train.data.text_encoder: llava`` (see
+    :func:`hcjax.data.encode.text_stage`).
     """
-    from .checkpoint import TrainCheckpoints, resume_differences
-    from .data import Loader
-
     tc = cfg.train
+    encoders = Encoders(cfg, text_encoders) if tc.data.mode == "raw" else None
     mesh, rules = make_mesh(cfg), default_rules(cfg)
     check_batch(cfg, mesh)
     workdir = Path(workdir)
@@ -359,11 +367,6 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
     (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     loader = Loader(cfg, start_step=start, read_skips=int(data_state.get("read_skips", 0)))
-    encoders = None
-    if tc.data.mode == "raw":
-        from .precompute import Encoders
-
-        encoders = Encoders(cfg)
     null = device_null(_null_conditioning(cfg, loader, encoders), mesh)
     step_fn = make_train_step(cfg, optimizer, mesh, rules)
     metrics_log = MetricsLog(workdir)
@@ -372,8 +375,6 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
     progress = sys.stderr.isatty() if progress is None else progress
     bar = None
     if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {"step": start}
     t_prev = time.perf_counter()
@@ -381,7 +382,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
         for batch in loader:
             if encoders is not None:
                 batch = encoders.encode(batch)
-            tokens = video_tokens(cfg, np.shape(batch["latents"])) * jax.process_count()
+            tokens = video_tokens(cfg, np.shape(batch.latents)) * jax.process_count()
             state, m = step_fn(state, to_global(batch, mesh, rules), null)
             m = jax.device_get(m)
             now = time.perf_counter()

@@ -26,18 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
+from tqdm import tqdm
 
 from . import vae
+from .checkpoint import load_params, random_params, save_params
 from .config import Config
+from .data.sources import mask_videos
+from .media import decode_frames, probe
 
 log = logging.getLogger("hcjax.vae_training")
 
 
 def load_clips(data_dir: str | Path, limit: int | None = None) -> np.ndarray:
-    """Every ``*.mp4`` of ``data_dir`` decoded to ``uint8 [N, F, H, W, 3]`` (all clips must share their shape)."""
-    from .data.video_io import decode_frames, probe
-
-    paths = sorted(Path(data_dir).glob("*.mp4"))[:limit]
+    """Every ``*.mp4`` of ``data_dir`` but the clips' mask videos, decoded to ``uint8 [N, F, H, W, 3]`` (all clips
+    must share their shape)."""
+    masks = mask_videos(data_dir)
+    paths = sorted(p for p in Path(data_dir).glob("*.mp4") if p.resolve() not in masks)[:limit]
     if not paths:
         raise FileNotFoundError(f"vae training data: no .mp4 files in {data_dir}")
     clips = [decode_frames(p, np.arange(probe(p).frames)) for p in paths]
@@ -49,8 +54,6 @@ def load_clips(data_dir: str | Path, limit: int | None = None) -> np.ndarray:
 
 def load_references(data_dir: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """Every ``*_ref.png`` of ``data_dir`` as ``uint8 [N, H, W, 3]``; each must be ``shape`` (the clips' H, W)."""
-    from PIL import Image
-
     paths = sorted(Path(data_dir).glob("*_ref.png"))
     if not paths:
         raise FileNotFoundError(f"vae_train.ref_fraction > 0 but {data_dir} has no *_ref.png reference images")
@@ -84,12 +87,10 @@ def sample_windows(clips: np.ndarray, rng: np.random.Generator, batch: int, fram
 
 
 def init_params(cfg: Config, seed: int) -> dict:
-    """Random weights (:func:`hcjax.precompute.random_params`) with the posterior log-variance starting at
-    ``vae_train.init_logvar`` (a narrow posterior: reconstructions learn from the start instead of fighting unit
-    noise on the latents)."""
-    from .precompute import random_params
-
-    params = random_params(vae.abstract_params(cfg.vae), seed)
+    """Random weights (:func:`hcjax.checkpoint.random_params`, fan-in scaled) with the posterior log-variance
+    starting at ``vae_train.init_logvar`` (a narrow posterior: reconstructions learn from the start instead of
+    fighting unit noise on the latents)."""
+    params = random_params(vae.abstract_params(cfg.vae), seed, std=None)
     bias = params["quant_conv"]["bias"]
     bias[cfg.vae.latent_channels:] = cfg.vae_train.init_logvar
     return jax.tree.map(jnp.asarray, params)
@@ -164,10 +165,6 @@ def measure_scaling(params, cfg: Config, clips: np.ndarray, max_clips: int = 64)
 def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, progress: bool | None = None) -> Path:
     """Train ``cfg.vae`` on ``cfg.vae_train`` (data: ``vae_train.data`` or ``train.data.path``); returns the
     checkpoint dir ``workdir/params``."""
-    from tqdm import tqdm
-
-    from .checkpoint import save_params
-
     vc = cfg.vae_train
     workdir = Path(workdir)
     out = workdir / "params"
@@ -189,8 +186,6 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if vc.init_from:
-        from .checkpoint import load_params
-
         params = jax.tree.map(jnp.asarray, load_params(vc.init_from))
         print_fn(f"vae: continuing from {vc.init_from}")
     else:

@@ -17,13 +17,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-MANIFESTS = SHARED / "manifests"
+MANIFESTS = ROOT / "tests" / "manifests"   # copies of the released checkpoints' key/shape manifests
 sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
 def manifests_dir():
-    if not MANIFESTS.is_dir():
-        raise FileNotFoundError(f"manifests not found at {MANIFESTS} (../shared must sit beside the project)")
     return MANIFESTS

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hcjax import attention as A
-from hcjax.sharding import DEFAULT_RULES, AXES
+from hcjax.axes import AXES, DEFAULT_RULES
 
 TOL = 2e-5  # fp32 kernels vs the float64 reference (measured ~5e-7)
 
@@ -108,18 +108,17 @@ def test_bad_inputs():
         A.dot_product_attention(q, k, v, kv_lengths=jnp.asarray([16]), impl="xla")
     with pytest.raises(ValueError, match="q \\[B,L,N,K\\]"):
         A.dot_product_attention(q, k[:, :, :1], v, kv_lengths=kv, impl="xla")
-    with pytest.raises(ValueError, match="sequence_parallel"):
-        A.options(sequence_parallel="stripes").__enter__()
+    with pytest.raises(ValueError, match="sequence_parallel='stripes'"):
+        A.dot_product_attention(q, k, v, kv_lengths=kv, impl="xla", sequence_parallel="stripes")
 
 
 # ------------------------------------------------------------------------------------------- sequence parallel
 
 
 def _sharded(q, k, v, kv, mesh, impl, mode, bq=4, bk=4, interpret=False):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), A.options(sequence_parallel=mode,
-                                                                              interpret=interpret):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         fn = jax.jit(lambda *a: A.dot_product_attention(*a[:3], kv_lengths=a[3], impl=impl, block_q=bq,
-                                                        block_kv=bk))
+                                                        block_kv=bk, sequence_parallel=mode, interpret=interpret))
         jaxpr = str(jax.make_jaxpr(fn)(q, k, v, kv))
         return np.asarray(fn(q, k, v, kv)), jaxpr
 
@@ -162,10 +161,10 @@ def test_ring_gradients_match_local():
 
     local = jax.grad(loss(lambda *a: A.dot_product_attention(*a, kv_lengths=kv, impl="xla")), (0, 1, 2))(q, k, v)
     for mode in ("ring",):                     # the ring's scan/ppermute/online-softmax backward (training)
-        with jax.set_mesh(mesh_of((1, 2, 4, 1))), nn.logical_axis_rules(DEFAULT_RULES), \
-                A.options(sequence_parallel=mode):
-            g = jax.jit(jax.grad(loss(lambda *a: A.dot_product_attention(
-                *a, kv_lengths=kv, impl="chunked", block_q=4, block_kv=4)), (0, 1, 2)))(q, k, v)
+        with jax.set_mesh(mesh_of((1, 2, 4, 1))), nn.logical_axis_rules(DEFAULT_RULES):
+            attend = lambda *a: A.dot_product_attention(  # noqa: E731
+                *a, kv_lengths=kv, impl="chunked", block_q=4, block_kv=4, sequence_parallel=mode)
+            g = jax.jit(jax.grad(loss(attend), (0, 1, 2)))(q, k, v)
         err = max(float(jnp.abs(a - b).max()) for a, b in zip(g, local))
         print(f"{mode} grad max abs err {err:.1e}")
         assert err <= 1e-4
@@ -194,18 +193,3 @@ def test_sequence_parallel_bad_combinations():
     with jax.set_mesh(mesh_of((1, 2, 4, 1))):            # a mesh but no logical rules: refuse, don't replicate
         with pytest.raises(ValueError, match="logical axis rules"):
             A.dot_product_attention(q, k, v, kv_lengths=kv, impl="xla")
-
-
-def test_options_are_part_of_the_jit_key():
-    """The same jitted function must retrace when the mode changes (no stale Ulysses program under ring)."""
-    q, k, v = qkv(2, 16, 4, 8)
-    kv = jnp.asarray([16, 9])
-    fn = jax.jit(lambda *a: A.dot_product_attention(*a, kv_lengths=kv, impl="chunked", block_q=4, block_kv=4))
-    seen = {}
-    with jax.set_mesh(mesh_of((1, 2, 4, 1))), nn.logical_axis_rules(DEFAULT_RULES):
-        for mode in ("ulysses", "ring"):
-            with A.options(sequence_parallel=mode):
-                seen[mode] = str(jax.make_jaxpr(fn)(q, k, v))
-                np.testing.assert_allclose(fn(q, k, v), reference(q, k, v, kv), atol=TOL)
-    assert "all_to_all" in seen["ulysses"] and "ppermute" not in seen["ulysses"]
-    assert "ppermute" in seen["ring"]

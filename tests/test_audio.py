@@ -12,14 +12,17 @@ import jax
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 from convert_weights import dit as conv
+from convert_weights.__main__ import main
 from convert_weights import whisper as wconv
 from convert_weights.rules import ConversionError
+from hcjax.checkpoint import load_params
 from hcjax.conditioning import whisper as W
-from hcjax.conditioning.audio import AudioProjNet2, PerceiverAttentionCA
 from hcjax.config import PRESET_DIR, WhisperConfig, preset
-from hcjax.dit import HunyuanDiT
+from hcjax.dit import AudioProjNet2, HunyuanDiT, PerceiverAttentionCA, abstract_params, count_params
+from hcjax.media import read_audio
 from tests.dit_reference import (
     diffusers_model, from_torch_video, spec_rope, state_dict_numpy, tiny_cfg, to_original_names, to_torch_video,
 )
@@ -94,11 +97,6 @@ def test_whisper_manifest_and_strictness(manifests_dir):
 
 
 def test_whisper_convert_cli(tmp_path, capsys):
-    from safetensors.numpy import save_file
-
-    from convert_weights.__main__ import main
-    from hcjax.checkpoint import load_params
-
     model, cfg = hf_whisper(d=8, layers=4, heads=2, ffn=16, mels=80, positions=1500)
     src = tmp_path / "whisper-tiny"
     src.mkdir()
@@ -170,11 +168,11 @@ def test_load_audio_wav_resample_and_mp3(tmp_path):
 
     y16 = _sine(16000, 0.5)
     sf.write(tmp_path / "a.wav", y16, 16000, subtype="FLOAT")
-    np.testing.assert_array_equal(W.load_audio(tmp_path / "a.wav"), y16[:, 0])     # no resampling at 16 kHz
+    np.testing.assert_array_equal(read_audio(tmp_path / "a.wav"), y16[:, 0])     # no resampling at 16 kHz
 
     st = _sine(44100, 1.0, channels=2)
     sf.write(tmp_path / "b.wav", st, 44100, subtype="FLOAT")
-    got = W.load_audio(tmp_path / "b.wav")
+    got = read_audio(tmp_path / "b.wav")
     n = int(np.ceil(44100 * 16000 / 44100))
     assert got.shape == (n,)                                     # librosa's fix_length: ceil(n * ratio)
     t = np.arange(n) / 16000
@@ -184,7 +182,7 @@ def test_load_audio_wav_resample_and_mp3(tmp_path):
     assert err < 2e-3
 
     sf.write(tmp_path / "c.mp3", _sine(16000, 1.0), 16000, format="MP3")
-    mp3 = W.load_audio(tmp_path / "c.mp3")
+    mp3 = read_audio(tmp_path / "c.mp3")
     assert abs(mp3.shape[0] - 16000) < 2000 and 0.3 < np.abs(mp3).max() < 0.7
 
 
@@ -204,11 +202,11 @@ def test_feature_extractor_from_local_dir(tmp_path):
 
 def test_load_audio_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.wav"):
-        W.load_audio(tmp_path / "nope.wav")
+        read_audio(tmp_path / "nope.wav")
     bad = tmp_path / "broken.wav"
     bad.write_text("this is not audio")
     with pytest.raises(ValueError, match="broken.wav"):
-        W.load_audio(bad)
+        read_audio(bad)
 
 
 def test_audio_prompts_from_file_end_to_end(tmp_path):
@@ -427,8 +425,6 @@ def test_audio_dit_bad_inputs():
 
 
 def test_full_size_audio_variant(manifests_dir):
-    from hcjax.dit import abstract_params, count_params
-
     cfg = preset("hunyuancustom_720p_audio").dit
     assert count_params(abstract_params(cfg)) == 12_919_666_752
     shapes = {k: tuple(v) for k, v in json.loads((manifests_dir / "hunyuancustom_audio_720P.json").read_text())

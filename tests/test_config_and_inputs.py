@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hcjax.config import ConfigError, load_config, preset
+from hcjax.config import ConfigError, apply_overrides, load_config, preset, to_dict
 from hcjax.dit import HunyuanDiT, example_inputs, init_params
 from tests.conftest import ROOT
 
@@ -49,10 +52,24 @@ def test_set_overrides_and_type_errors():
         load_config(ROOT / "configs/nope.yaml")
 
 
+def test_apply_overrides_returns_a_validated_copy():
+    cfg = preset("tiny")
+    new = apply_overrides(cfg, ["dit.depth_single_blocks=3", "train.learning_rate=2e-4", "dit.patch_size=[1,2,2]"])
+    assert new.dit.depth_single_blocks == 3 and new.train.learning_rate == 2e-4 and new.dit.patch_size == (1, 2, 2)
+    assert dataclasses.replace(new, dit=cfg.dit, train=cfg.train) == cfg               # nothing else changed
+    assert cfg.dit.depth_single_blocks != 3 and apply_overrides(cfg, []) == cfg       # the input is untouched
+    with pytest.raises(ConfigError, match="dit.num_head"):
+        apply_overrides(cfg, ["dit.num_head=4"])
+    with pytest.raises(ConfigError, match="a.b=value"):
+        apply_overrides(cfg, ["dit.hidden_size"])
+    with pytest.raises(ConfigError, match="rope_dim_list"):                            # validated, not just built
+        apply_overrides(cfg, ["dit.hidden_size=128"])
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = preset("tiny").dit
-    return cfg, jax.tree.map(np.asarray, __import__("flax").linen.unbox(init_params(cfg, jax.random.key(0))))
+    return cfg, jax.tree.map(np.asarray, nn.unbox(init_params(cfg, jax.random.key(0))))
 
 
 def _call(cfg, params, *args, **kw):
@@ -92,10 +109,6 @@ def test_mesh_checked_at_config_load():
 
 def test_a_runs_config_json_loads_back(tmp_path):
     """train.py writes RUN/config.json; --config accepts it (YAML alone would read JSON's 1e-06 as a string)."""
-    import json
-
-    from hcjax.config import to_dict
-
     cfg = preset("demo")
     (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
     assert '1e-06' in (tmp_path / "config.json").read_text()

@@ -1,5 +1,5 @@
 """Data: synthetic generator, grain pipeline (shapes, buckets, determinism, hosts, workers, resume), bad clips,
-precompute + precomputed loader."""
+editing masks, precompute + precomputed loader (typed batches)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from hcjax.config import load_config
-from hcjax.data import BatchPlan, Loader, scan_raw
+from hcjax.data import BatchPlan, Loader, TrainBatch, scan_raw
+from hcjax.data.encode import check_compatible, precompute
 from hcjax.data.pipeline import LoadBatch, RawReader
 from hcjax.data.synthetic import generate
-from hcjax.data.video_io import decode_frames, probe, write_mp4
+from hcjax.media import decode_frames, probe, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "train_tiny.yaml"
@@ -171,7 +172,7 @@ def messy(tmp_path, raw):
     shutil.copytree(raw / "square", d)
     (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     (d / "corrupt.json").write_text(json.dumps({"caption": "noise"}))
-    write_mp4(d / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8))
+    write_video(d / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8))
     (d / "short.json").write_text(json.dumps({"caption": "too short"}))
     shutil.copy(d / "clip_0000.mp4", d / "nocaption.mp4")
     (d / "nocaption.json").write_text(json.dumps({"item_name": "thing"}))
@@ -227,8 +228,6 @@ def test_missing_or_empty_dataset(tmp_path):
 
 
 def test_precompute_and_precomputed_batches(raw, tmp_path):
-    from hcjax.precompute import check_compatible, precompute
-
     cfg = cfg_for(raw / "square")
     index = precompute(cfg, raw / "square", tmp_path / "cache")
     assert len(index["clips"]) == 6 and index["scan"]["skipped"] == {}
@@ -236,13 +235,14 @@ def test_precompute_and_precomputed_batches(raw, tmp_path):
     pc = cfg_for(tmp_path / "cache", "train.steps=4", mode="precomputed")
     got, loader = batches(pc)
     b = got[0]
-    assert b["latents"].shape == (2, 3, 4, 4, 4) and b["ref_latents"].shape == (2, 1, 4, 4, 4)
-    assert b["null_ref_latents"].shape == (2, 1, 4, 4, 4) and b["text_states"].shape == (2, 16, 32)
-    assert b["text_mask"].shape == (2, 16) and b["text_states_2"].shape == (2, 16)
-    assert np.all(np.isfinite(b["latents"])) and b["latents"].std() > 0.01
-    assert not np.allclose(b["ref_latents"], b["null_ref_latents"])
+    assert isinstance(b, TrainBatch) and b.audio_features is None and b.bg_latents is None
+    assert b.latents.shape == (2, 3, 4, 4, 4) and b.ref_latents.shape == (2, 1, 4, 4, 4)
+    assert b.null_ref_latents.shape == (2, 1, 4, 4, 4) and b.text_states.shape == (2, 16, 32)
+    assert b.text_mask.shape == (2, 16) and b.text_states_2.shape == (2, 16)
+    assert np.all(np.isfinite(b.latents)) and b.latents.std() > 0.01
+    assert not np.allclose(b.ref_latents, b.null_ref_latents)
     # the white-image latents are the same for every clip of a bucket; the text differs per caption
-    assert np.array_equal(b["null_ref_latents"][0], b["null_ref_latents"][1])
+    assert np.array_equal(b.null_ref_latents[0], b.null_ref_latents[1])
     with np.load(tmp_path / "cache" / "null.npz") as z:
         assert z["text_mask"].sum() >= 1 and "ref_4x4" in z.files
     check_compatible(index, pc, "cache")
@@ -250,3 +250,63 @@ def test_precompute_and_precomputed_batches(raw, tmp_path):
         check_compatible(index, cfg_for(tmp_path / "cache", "dit.in_channels=8", "dit.out_channels=8"), "cache")
     with pytest.raises(FileExistsError, match="--overwrite"):
         precompute(cfg, raw / "square", tmp_path / "cache")
+    # an editing DiT cannot train on a dataset without bg_latents, nor a text stage that was not given
+    editing = cfg_for(tmp_path / "cache", "dit.video_condition=true", "dit.bg_in_channels=8", mode="precomputed")
+    with pytest.raises(ValueError, match="no bg_latents"):
+        check_compatible(index, editing, "cache")
+    with pytest.raises(ValueError, match="text_encoder=llava needs the loaded text encoders"):
+        precompute(cfg_for(raw, "train.data.text_encoder=llava"), raw / "square", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_typed_batch_fields():
+    arrays = {k: np.zeros((2, 3), np.float32) for k in ("latents", "ref_latents", "null_ref_latents", "text_states",
+                                                       "text_mask", "text_states_2")}
+    b = TrainBatch.from_arrays(arrays)
+    assert b.size == 2 and b.bg_latents is None and len(__import__("jax").tree.leaves(b)) == 6
+    with pytest.raises(ValueError, match=r"unknown arrays \['video'\]"):
+        TrainBatch.from_arrays(dict(arrays, video=np.zeros(2)))
+    with pytest.raises(ValueError, match=r"missing arrays \['text_mask'\]"):
+        TrainBatch.from_arrays({k: v for k, v in arrays.items() if k != "text_mask"})
+
+
+# ------------------------------------------------------------------------------------------- editing masks
+
+
+def test_synthetic_masks_cover_the_subject_and_are_not_clips(tmp_path):
+    """--masks: the same clips plus a mask video per clip (white on the subject); a scan treats the masks as the
+    clips' masks, not as clips; the raw batch carries the mask window aligned with the video window; an editing
+    DiT skips clips without a mask, and a mask that does not cover its clip is skipped as bad."""
+    generate(tmp_path / "plain", num_clips=3, frames=13, height=32, width=32, seed=1)
+    generate(tmp_path / "masked", num_clips=3, frames=13, height=32, width=32, seed=1, masks=True)
+    from hcjax.data import synthetic
+
+    for i in range(3):
+        video, ref, meta = synthetic.make_clip(np.random.default_rng([1, i]), 13, 32, 32)
+        v2, r2, m2, mask = synthetic.make_clip(np.random.default_rng([1, i]), 13, 32, 32, return_mask=True)
+        assert meta == m2 and np.array_equal(video, v2) and np.array_equal(ref, r2) and mask.shape == video.shape
+        white = decode_frames(tmp_path / "masked" / f"clip_{i:04d}_mask.mp4", range(13)).mean(-1) > 127
+        exact = mask[..., 0] == 255
+        assert (white & exact).sum() / (white | exact).sum() > 0.95          # the subject's region, as rendered
+        on_disk = json.loads((tmp_path / "masked" / f"clip_{i:04d}.json").read_text())
+        assert on_disk.pop("mask") == f"clip_{i:04d}_mask.mp4"
+        assert on_disk == json.loads((tmp_path / "plain" / f"clip_{i:04d}.json").read_text())
+    cfg = cfg_for(tmp_path / "masked", "train.batch_size=1", "train.steps=3", "train.data.buckets=[[32,32]]")
+    clips, report = scan_raw(cfg.train.data, need_mask=True)
+    assert report.total == 3 and len(clips) == 3 and all(c.mask.endswith("_mask.mp4") for c in clips)
+    got, _ = batches(cfg)
+    by_caption = {c.caption: c for c in clips}
+    assert len(by_caption) == 3
+    for b in got:
+        video, mask = b["video"][0].astype(int), b["mask_video"][0]
+        # the mask window is the clip's mask at the video window's frames
+        np.testing.assert_array_equal(mask, decode_frames(by_caption[b["caption"][0]].mask, b["frame_index"][0]))
+        subject = (video.max(-1) - video.min(-1)) > 60          # saturated pixels (chroma bleeds a little)
+        white = mask.mean(-1) > 127
+        assert (subject & white).sum() / white.sum() > 0.85 and (subject & white).sum() / subject.sum() > 0.75
+    _, report = scan_raw(cfg_for(tmp_path / "plain").train.data, need_mask=True)
+    assert report.kept == 0 and report.skipped == {"missing_mask": 3}
+    meta = json.loads((tmp_path / "masked" / "clip_0001.json").read_text())
+    write_video(tmp_path / "masked" / meta["mask"], np.zeros((5, 32, 32, 3), np.uint8))          # too short
+    clips, report = scan_raw(cfg.train.data, need_mask=True)
+    assert len(clips) == 2 and report.skipped == {"bad_mask": 1}

@@ -4,15 +4,17 @@ themselves (checked on the synthetic generator's clips), the committed bundle, a
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from hcjax import demo
+import demo
 from hcjax import models as M
-from hcjax.conditioning.llava import load_rgb
+from hcjax.checkpoint import random_params
 from hcjax.config import load_config
+from hcjax.media import read_image
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -29,7 +31,7 @@ IDENTITY_MIN, COLOR_MIN, MOTION_MIN, IOU_MIN = 6 / 24, 16 / 24, 0.75, 0.7
 
 @pytest.fixture(scope="module")
 def refs():
-    return [load_rgb(str(p["ref_image"])) for p in PAIRS]
+    return [read_image(p["ref_image"]) for p in PAIRS]
 
 
 def test_held_out_subjects_never_in_training():
@@ -43,7 +45,7 @@ def test_seen_pairs_are_training_subjects(tmp_path):
     pairs = demo.seen_pairs(tmp_path, n=8)
     assert len({p["subject"] for p in pairs}) == 8 and all(p["subject"] in demo.TRAIN_SUBJECTS for p in pairs)
     for p in pairs:
-        np.testing.assert_array_equal(load_rgb(str(p["ref_image"])), demo.reference_image(p["subject"]))
+        np.testing.assert_array_equal(read_image(p["ref_image"]), demo.reference_image(p["subject"]))
         assert p["prompt"] == demo.EVAL_PROMPT.format(p=demo.PHRASES[p["direction"]][1])
 
 
@@ -71,7 +73,7 @@ def test_bundle_is_committed_small_and_complete():
     bundle = M.demo_bundle()
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     assert size <= 20e6, f"demo bundle is {size / 1e6:.1f} MB"
-    cfg = M.resolve_config(None)
+    cfg = M.resolve(None).cfg
     demo_cfg = load_config(demo.DEMO_CONFIG)
     assert cfg.dit == demo_cfg.dit and cfg.sample == demo_cfg.sample
     assert cfg.vae.scaling_factor != demo_cfg.vae.scaling_factor       # measured on the data by the build
@@ -112,6 +114,26 @@ def test_sampling_from_noised_clips(refs):
         demo.generate_eval(models, PAIRS[:2], start_videos=clips[:1])
 
 
+def test_demo_cli(tmp_path):
+    """``python -m demo``: the application outside the package. ``references`` writes the committed held-out
+    references; ``build`` refuses an existing --out with one line and exit 2 before any stage runs; the old
+    in-package entry point is gone."""
+    r = subprocess.run([sys.executable, "-m", "demo", "references", "--out", str(tmp_path / "refs")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    written = sorted((tmp_path / "refs").glob("subject_*.png"))
+    assert len(written) == len(PAIRS)
+    for p, f in zip(PAIRS, written):
+        np.testing.assert_array_equal(read_image(f), read_image(p["ref_image"]))
+    r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "refs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = subprocess.run([sys.executable, "-m", "hcjax.demo", "build", "--workdir", str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "No module named hcjax.demo" in r.stderr
+
+
 def test_demo_tokenizer_crop_start_matches_config():
     from transformers import AutoTokenizer
 
@@ -124,8 +146,6 @@ def test_demo_tokenizer_crop_start_matches_config():
 def test_vae_stage_trains(tmp_path):
     """train.py --stage vae: a few steps on a few synthetic clips lower the reconstruction loss and write a
     checkpoint with a measured latent scaling factor."""
-    import subprocess
-
     from hcjax.checkpoint import load_checkpoint_config
     from hcjax.data import synthetic
 
@@ -144,14 +164,13 @@ def test_vae_stage_trains(tmp_path):
 
     from hcjax import vae
     from hcjax.checkpoint import load_params
-    from hcjax.precompute import random_params
     from hcjax.vae_training import load_clips
 
     x = load_clips(tmp_path / "data").astype(np.float32) / 127.5 - 1.0
     model = vae.AutoencoderKLCausal3D(cfg.vae)
     recon = jax.jit(lambda p: model.apply({"params": p}, x))
     err = {k: float(np.abs(np.asarray(recon(p)) - x).mean())
-           for k, p in (("init", random_params(vae.abstract_params(cfg.vae), 0)),
+           for k, p in (("init", random_params(vae.abstract_params(cfg.vae), 0, std=None)),
                         ("trained", load_params(tmp_path / "run" / "params")))}
     print("vae reconstruction L1", err)
     assert err["trained"] < 0.7 * err["init"], err

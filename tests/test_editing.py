@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ import torch
 
 from convert_weights import dit as conv
 from convert_weights.rules import ConversionError
+from hcjax import vae as vae_lib
 from hcjax.conditioning import video as V
 from hcjax.config import preset
-from hcjax.dit import HunyuanDiT
+from hcjax.dit import HunyuanDiT, abstract_params, count_params
+from hcjax.media import read_video, write_video
 from tests.dit_reference import (
     diffusers_model, from_torch_video, spec_rope, state_dict_numpy, tiny_cfg, to_original_names, to_torch_video,
 )
@@ -130,15 +133,15 @@ def test_editing_files(tmp_path):
     video = np.repeat(base, 9, axis=0)                                              # 9 frames, 32x48, blocky
     mask = np.zeros((9, 32, 48, 3), np.uint8)
     mask[:, 8:24, 16:32] = 255
-    vp = V.write_video(tmp_path / "in.mp4", video, crf=0)
-    mp = V.write_video(tmp_path / "mask.mp4", mask, crf=0)
-    decoded = V.read_video(vp)
-    assert decoded.shape == video.shape and np.abs(decoded.astype(int) - video).max() <= 3
+    vp = write_video(tmp_path / "in.mp4", video, lossless=True)
+    mp = write_video(tmp_path / "mask.mp4", mask, lossless=True)
+    decoded = read_video(vp)
+    assert decoded.shape == video.shape and np.array_equal(decoded, video)           # lossless: exact
     bg, m = V.load_editing_pixels(vp, mp, expand_scale=5)
     inside = np.stack([dilate_numpy(f[..., 0] > 0, ELLIPSE5, 3) for f in mask])
     assert np.array_equal(m[0, ..., 0] > 0, inside) and np.all(bg[0][inside] == -1.0)
     # different lengths: warning naming both files
-    short = V.write_video(tmp_path / "short_mask.mp4", mask[:5], crf=0)
+    short = write_video(tmp_path / "short_mask.mp4", mask[:5], lossless=True)
     with pytest.warns(UserWarning, match="short_mask.mp4"):
         bg5, _ = V.load_editing_pixels(vp, short)
     assert bg5.shape[1] == 5
@@ -152,10 +155,6 @@ def test_editing_files(tmp_path):
 
 
 def test_bg_latents_through_vae():
-    from hcjax import vae as vae_lib
-
-    import flax.linen as nn
-
     cfg = preset("tiny").vae
     rng = np.random.default_rng(3)
     abstract = nn.unbox(vae_lib.abstract_params(cfg))            # random values of the right shapes (init is slow)
@@ -244,8 +243,6 @@ def test_editing_dit_forward_against_reference():
 
 
 def test_full_size_editing_variant(manifests_dir):
-    from hcjax.dit import abstract_params, count_params
-
     cfg = preset("hunyuancustom_720p_editing").dit
     assert count_params(abstract_params(cfg)) == 12_820_619_328
     shapes = {k: tuple(v) for k, v in json.loads((manifests_dir / "hunyuancustom_editing_720P.json").read_text())

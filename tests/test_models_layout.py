@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,3 +74,28 @@ def test_incomplete_layout_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="llava-llama-3-8b-v1_1"):
         M.convert_original(tmp_path, cfg=load_config(M.DEFAULT_CONFIG))
     assert not (tmp_path / ".hcjax").exists() or not any((tmp_path / ".hcjax").iterdir())
+
+
+def test_fp8_release_layout_converts_and_samples(models_dir, tmp_path):
+    """Only the fp8 DiT (+ its scale map) in the variant folder: `sample.py --ckpt-dir` de-quantises and runs."""
+    from hcjax.checkpoint import load_params
+    from tests.test_fp8 import build_release, write_release
+
+    src, cfg = models_dir
+    d = tmp_path / "models"
+    d.mkdir()
+    for sub in ("vae_3d", "llava-llama-3-8b-v1_1", "openai_clip-vit-large-patch14"):
+        (d / sub).symlink_to(src / sub)
+    (d / "hunyuancustom_720P").mkdir()
+    module, scales, ref = build_release(cfg.dit)
+    write_release(d / "hunyuancustom_720P", module, scales)
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt-dir", str(d), "--config", str(M.DEFAULT_CONFIG),
+                        "--save-path", str(tmp_path / "out"), "--video-size", "32", "32", "--sample-n-frames", "5",
+                        "--infer-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+    converted = load_params(d / ".hcjax" / "image" / "dit")
+    layer = "double_blocks.0.img_attn_qkv"
+    want = ref[f"{layer}.weight"]                       # torch: bf16(W_fp8) * bf16(scale), [out, in]
+    got = np.asarray(converted["double_blocks"]["img_attn_qkv"]["kernel"][0], np.float32)
+    np.testing.assert_array_equal(got.reshape(got.shape[0], -1).T, want)

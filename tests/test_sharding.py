@@ -4,6 +4,8 @@ and sharded DiT forwards (FSDP x sequence, data x sequence x tensor; Ulysses and
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 
 import flax.linen as nn
@@ -15,7 +17,11 @@ from jax.sharding import PartitionSpec as P
 
 from hcjax import attention, dit, layers
 from hcjax import sharding as S
-from hcjax.config import ConfigError, MeshConfig, preset
+from hcjax.dit import audio as dit_audio
+from hcjax.dit import blocks as dit_blocks
+from hcjax.dit import model as dit_model
+from hcjax.axes import fit_spec
+from hcjax.config import ConfigError, MeshConfig, apply_overrides, load_config, preset
 
 FULL = ("hunyuancustom_720p", "hunyuancustom_720p_audio", "hunyuancustom_720p_editing")
 DESIGN_NAMES = {"embed", "heads", "head_dim", "mlp", "layers", "vocab", "conv_in", "conv_out",
@@ -57,7 +63,7 @@ def test_make_mesh_checks_the_real_device_count():
     ("mesh.fsdp=0", "positive integers, or -1"),
     ("mesh.sequence=-2", "positive integers, or -1"),
     ("mesh.sequence=-1", "at most one of"),           # fsdp is already -1 in the preset
-    ("mesh.sequence_parallel=stripes", "sequence_parallel='stripes'"),
+    ("dit.sequence_parallel=stripes", "sequence_parallel='stripes'"),
     ("mesh.rules=everything", "rules='everything'"),
     ("dit.attention=flash", "attention='flash'"),
 ])
@@ -72,19 +78,22 @@ def test_splash_is_a_valid_attention_setting():
 
 def test_degrees_checked_against_the_24_heads():
     dit_cfg = preset("hunyuancustom_720p").dit
-    chk = lambda **kw: S.check_mesh(MeshConfig(**kw), dit_cfg)  # noqa: E731
+
+    def chk(sequence_parallel="ulysses", dit_cfg=dit_cfg, **kw):
+        return S.check_mesh(MeshConfig(**kw), dataclasses.replace(dit_cfg, sequence_parallel=sequence_parallel))
+
     with pytest.raises(ConfigError, match="tensor=5 must divide the 24 attention heads"):
         chk(tensor=5)
-    with pytest.raises(ConfigError, match="does not fit Ulysses.* set mesh.sequence_parallel: ring"):
+    with pytest.raises(ConfigError, match="does not fit Ulysses.* set dit.sequence_parallel: ring"):
         chk(sequence=5, sequence_parallel="ulysses")
     with pytest.raises(ConfigError, match="does not fit Ulysses: .* 12 heads per tensor shard"):
         chk(sequence=8, tensor=2, sequence_parallel="ulysses")
     splash = dataclasses.replace(dit_cfg, attention="splash")
     for sp_mode in ("auto", "ulysses", "ring"):
         with pytest.raises(ConfigError, match="fits neither Ulysses nor ring: .* ring attention needs dit.attention"):
-            S.check_mesh(MeshConfig(sequence=16, sequence_parallel=sp_mode), splash)
+            chk(sequence=16, sequence_parallel=sp_mode, dit_cfg=splash)
     with pytest.raises(ConfigError, match="ring attention needs .* Ulysses would fit"):
-        S.check_mesh(MeshConfig(sequence=8, sequence_parallel="ring"), splash)
+        chk(sequence=8, sequence_parallel="ring", dit_cfg=splash)
     assert chk(sequence=8) == "ulysses"
     assert chk(sequence=5, sequence_parallel="ring") == "ring"
     assert chk(sequence=16, sequence_parallel="auto") == "ring"
@@ -92,6 +101,23 @@ def test_degrees_checked_against_the_24_heads():
     assert chk(sequence=12, tensor=2, sequence_parallel="auto") == "ulysses"
     assert chk(sequence=6, tensor=4, sequence_parallel="auto") == "ulysses"
     assert chk(fsdp=8) is None
+
+
+def test_sequence_parallel_moved_from_mesh_to_dit(tmp_path):
+    """``mesh.sequence_parallel`` (run configs saved before it moved to the DiT) still loads, as
+    ``dit.sequence_parallel``; ``apply_overrides`` takes it too and validates the result."""
+    f = tmp_path / "old_run.json"
+    f.write_text(json.dumps({"mesh": {"fsdp": -1, "sequence": 5, "sequence_parallel": "ring"}}))
+    cfg = load_config(f)
+    assert cfg.dit.sequence_parallel == "ring" and cfg.mesh.sequence == 5
+    assert not hasattr(cfg.mesh, "sequence_parallel")
+    base = preset("hunyuancustom_720p")
+    assert base.dit.sequence_parallel == "ulysses"
+    assert apply_overrides(base, ["mesh.sequence_parallel=auto"]).dit.sequence_parallel == "auto"
+    assert apply_overrides(base, ["dit.sequence_parallel=ring", "mesh.sequence=5"]).mesh.sequence == 5
+    with pytest.raises(ConfigError, match="does not fit Ulysses"):       # 24 heads over 5: ring only
+        apply_overrides(base, ["mesh.sequence=5"])
+    assert base.dit.sequence_parallel == "ulysses" and base.mesh.sequence == 1     # cfg itself unchanged
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -107,7 +133,10 @@ def _activation_names(monkeypatch) -> set[str]:
         return orig(x, names)
 
     monkeypatch.setattr(layers, "constrain", recording)
-    monkeypatch.setattr(dit, "constrain", recording)
+    patched = [m for m in (dit_audio, dit_blocks, dit_model) if hasattr(m, "constrain")]
+    assert patched
+    for module in patched:
+        monkeypatch.setattr(module, "constrain", recording)
     cfg = dataclasses.replace(preset("tiny").dit, audio_condition=True, video_condition=True)
     args, kwargs = dit.example_inputs(cfg, batch=2, latent_thw=(2, 4, 4), abstract=True)
     params = nn.unbox(dit.abstract_params(cfg))
@@ -152,9 +181,21 @@ def test_every_large_parameter_is_sharded(shape):
     assert per_device < total / (weight_ways * 0.9) + 2**27
 
 
-def test_abstract_sharded_params_full_size_bf16():
+def test_fit_spec_drops_axes_that_do_not_divide():
+    mesh = abstract_mesh((1, 2, 4, 2))
+    # 8 takes fsdp x sequence; 6 keeps fsdp only (6 % (2*4) != 0); 3 takes nothing; 24 keeps both
+    assert fit_spec(P(("fsdp", "sequence"), "tensor"), (8, 4), mesh) == P(("fsdp", "sequence"), "tensor")
+    assert fit_spec(P(("fsdp", "sequence"), "tensor"), (6, 3), mesh) == P("fsdp", None)
+    assert fit_spec(P(("sequence", "fsdp")), (12, 5), mesh) == P("sequence", None)   # 12 % (4*2) != 0
+    assert fit_spec(P(None, ("fsdp", "sequence")), (1, 24, 7), mesh) == P(None, ("fsdp", "sequence"), None)
+    # axes the mesh lacks are dropped (the text towers on a mesh without `sequence`)
+    small = jax.sharding.AbstractMesh((2, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    assert fit_spec(P(("fsdp", "sequence"), "tensor"), (8, 4), small) == P("fsdp", "tensor")
+
+
+def test_abstract_sharded_full_size_bf16():
     mesh = S.make_mesh(MeshConfig(fsdp=1, sequence=8), preset("hunyuancustom_720p").dit)
-    tree = S.abstract_sharded_params(preset("hunyuancustom_720p").dit, mesh, dtype=jnp.bfloat16)
+    tree = S.abstract_sharded(dit.abstract_params(preset("hunyuancustom_720p").dit), mesh, dtype=jnp.bfloat16)
     leaves = jax.tree.leaves(tree)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
     per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * 2 for x in leaves)
@@ -170,13 +211,13 @@ def test_shard_params_plain_dict_needs_names():
     plain = nn.unbox(_numpy_params(cfg, 0))
     with pytest.raises(ValueError, match="carry no logical axis names"):
         S.shard_params(plain, mesh)
-    placed = S.shard_params(plain, mesh, like=cfg)
+    placed = S.shard_params(plain, mesh, like=dit.abstract_params(cfg))
     k = placed["single_blocks"]["linear1_qkv"]["kernel"]           # [layers, D, 3, N, K]
     assert k.sharding.spec == P(None, ("fsdp", "sequence"), None, "tensor", None)
     assert k.addressable_shards[0].data.shape == (k.shape[0], k.shape[1] // 4, 3, k.shape[3] // 2, k.shape[4])
     np.testing.assert_array_equal(np.asarray(k), np.asarray(plain["single_blocks"]["linear1_qkv"]["kernel"]))
     with pytest.raises(ValueError, match="does not match"):
-        S.shard_params({"img_in": plain["img_in"]}, mesh, like=cfg)
+        S.shard_params({"img_in": plain["img_in"]}, mesh, like=dit.abstract_params(cfg))
 
 
 # ------------------------------------------------------------------------------------------- sharded forward
@@ -247,8 +288,8 @@ DIT_CASES = [
 @pytest.mark.parametrize("shape, mode, impl, text_len, batch", DIT_CASES, ids=lambda c: str(c))
 def test_sharded_dit_forward_equals_single_device(tiny_params, shape, mode, impl, text_len, batch):
     want = _single_device(tiny_params, text_len, batch)
-    cfg = dataclasses.replace(CFG, attention=impl)
-    mesh_cfg = MeshConfig(*shape, sequence_parallel=mode)
+    cfg = dataclasses.replace(CFG, attention=impl, sequence_parallel=mode)
+    mesh_cfg = MeshConfig(*shape)
     mesh = S.make_mesh(mesh_cfg, cfg)
     params = S.shard_params(tiny_params, mesh)
     kernel = params["double_blocks"]["img_attn_qkv"]["kernel"]
@@ -271,19 +312,42 @@ def test_sharded_dit_forward_equals_single_device(tiny_params, shape, mode, impl
 def test_sharded_audio_dit_forward_equals_single_device():
     """Audio model: the per-frame perceiver cross-attention runs on sequence-sharded video tokens (ring here,
     with tensor=2: the single audio head is kept whole) and matches one device."""
-    cfg = dataclasses.replace(CFG, audio_condition=True, attention="xla")
+    cfg = dataclasses.replace(CFG, audio_condition=True, attention="xla", sequence_parallel="ring")
     params = _numpy_params(cfg, 3)
     rng = np.random.default_rng(4)
     x, t, text, mask, pooled, ref = _inputs(7, seed=5)
-    from hcjax.conditioning.audio import audio_feature_shape
+    from hcjax.dit import audio_feature_shape
 
     audio = rng.standard_normal(audio_feature_shape(cfg, 2, x.shape[1])).astype(np.float32)
     fwd = lambda p, *a: dit.HunyuanDiT(cfg).apply({"params": p}, *a[:5], ref_latents=a[5], audio_features=a[6])  # noqa: E731
     want = np.asarray(jax.jit(fwd)(nn.unbox(params), x, t, text, mask, pooled, ref, audio))
-    mesh_cfg = MeshConfig(2, 1, 2, 2, sequence_parallel="ring")
+    mesh_cfg = MeshConfig(2, 1, 2, 2)
     mesh = S.make_mesh(mesh_cfg, cfg)
     with S.use_mesh(mesh, mesh_cfg):
         got = np.asarray(jax.jit(fwd)(S.shard_params(params, mesh), x, t, text, mask, pooled, ref, audio))
     err = float(np.abs(got - want).max())
     print(f"audio DiT (2, 1, 2, 2) ring: max abs err {err:.2e}")
     assert err <= TOL
+
+
+def test_sequence_parallel_mode_is_part_of_the_jit_key(tiny_params):
+    """One jitted forward taking the DiT config as a static argument is retraced per ``dit.sequence_parallel``
+    (no stale Ulysses program under ring) and reused for a repeated mode."""
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def fwd(cfg, p, *inputs):
+        traces.append(cfg.sequence_parallel)
+        return _forward(cfg)(p, *inputs)
+
+    mesh_cfg = MeshConfig(1, 2, 4, 1)
+    mesh = S.make_mesh(mesh_cfg, CFG)
+    params = S.shard_params(tiny_params, mesh)
+    inputs = _inputs(7)
+    hlo = {}
+    with S.use_mesh(mesh, mesh_cfg):
+        for mode in ("ulysses", "ring", "ulysses"):
+            hlo[mode] = fwd.lower(dataclasses.replace(CFG, sequence_parallel=mode), params, *inputs).as_text()
+    assert traces == ["ulysses", "ring"], traces
+    assert "all_to_all" in hlo["ulysses"] and "collective_permute" not in hlo["ulysses"]
+    assert "collective_permute" in hlo["ring"] and "all_to_all" not in hlo["ring"]

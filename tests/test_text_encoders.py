@@ -23,11 +23,16 @@ import transformers as hf
 
 from convert_weights import clip as conv_clip
 from convert_weights import llava as conv_llava
+from convert_weights.__main__ import main
 from convert_weights.rules import ConversionError
 from hcjax.conditioning import llava as L
-from hcjax.conditioning.clip import ClipTextModel, ClipVisionModel
+from hcjax.conditioning import text as T
+from hcjax.conditioning.clip import ClipTextModel, ClipVisionModel, abstract_text_params
 from hcjax.conditioning.llama import LlamaModel
 from hcjax.config import Config, load_config, preset
+from hcjax.models import text as MT
+from hcjax.sharding import abstract_sharded
+from tests.conftest import MANIFESTS
 
 TOL = 1e-4  # max abs error vs the fp32 PyTorch reference (measured ~1e-6)
 PROMPT = "A man walks a dog in the park. Realistic, High-quality."
@@ -39,7 +44,7 @@ NEGATIVE = "blurry, low quality"
 
 def make_llava_tokenizer(path: Path, base_vocab: int = 500) -> Path:
     """Llama-3-like byte-level BPE (BOS via post-processor) + ``<image>`` and ``<pad>`` as added specials."""
-    from hcjax.demo import make_llava_tokenizer as build
+    from demo.build import make_llava_tokenizer as build
 
     corpus = [L.PROMPT_TEMPLATE.format(PROMPT), "\nThe object looks like", "\nThe person looks like"] * 3
     return build(path, base_vocab, corpus)
@@ -140,7 +145,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(dirs) -> Config:
     """tiny.yaml with ``crop_start`` measured on the tiny tokenizer (tokens before the user text)."""
-    tok = L.load_llava_tokenizer(dirs[1])
+    tok = MT.load_llava_tokenizer(dirs[1])
     crop = len(tok(L.PROMPT_TEMPLATE.split("{}")[0])["input_ids"])
     full = tok(L.build_prompt(PROMPT, "object"))["input_ids"]
     assert full[:crop] == tok(L.PROMPT_TEMPLATE.split("{}")[0])["input_ids"]  # the prefix tokenises stably
@@ -217,8 +222,8 @@ def test_clip_text_parity_pooled(cfg, dirs, eos_token_id):
     torch.manual_seed(0)
     ref = randomize(hf.CLIPTextModel(hf_text_config(c, eos_token_id)), seed=4)
     params = conv_clip.from_hf(numpy_sd(ref), c)
-    tok = L.load_clip_tokenizer(dirs[2])
-    ids, mask = L.tokenize_clip(tok, [PROMPT, "x", ""], cfg)
+    tok = MT.load_clip_tokenizer(dirs[2])
+    ids, mask = T.tokenize_clip(tok, [PROMPT, "x", ""], cfg)
     if eos_token_id == 2:
         ids[2, 5] = c.vocab_size - 1   # an id above EOS: argmax picks it, as the legacy rule does
     with torch.no_grad():
@@ -266,10 +271,10 @@ def hf_llava_valid(model, ids_valid, image_id, n, pixels_nhwc):
 
 @pytest.fixture(scope="module")
 def fusion_case(cfg, dirs, image):
-    tok = L.load_llava_tokenizer(dirs[1])
-    pre = L.load_image_preprocessor(dirs[1], cfg)
+    tok = MT.load_llava_tokenizer(dirs[1])
+    pre = MT.load_image_preprocessor(dirs[1], cfg)
     texts = [L.build_prompt(PROMPT, "object"), L.build_prompt(NEGATIVE, "person")]
-    ids, mask = L.tokenize_llava(tok, texts, cfg)
+    ids, mask = T.tokenize_llava(tok, texts, cfg)
     pixels = np.stack([pre(image), pre.white()])
     return ids, mask, pixels
 
@@ -352,7 +357,7 @@ def test_crop_and_masks_follow_spec(cfg, hf_llava, llava_params, fusion_case):
         e = err(states[b, : nv - 1 - c], ref[c: nv - 1])
         e_img = err(states[b, nv - 1 - c: nv - 1 - c + n], ref[nv - 1: nv - 1 + n])
         assert e < TOL and e_img < TOL
-    rewritten = np.asarray(L.uncond_mask_rewrite(tmask, n))
+    rewritten = np.asarray(T.uncond_mask_rewrite(tmask, n))
     for b in range(2):
         nv = int(mask[b].sum())
         want = (np.arange(s) < nv - c).astype(np.int32)     # N_u - crop ones: text tokens + the first image token
@@ -383,8 +388,8 @@ def model_dirs(dirs, hf_llava, hf_clip):
 
 def test_encode_prompts_end_to_end(cfg, model_dirs, hf_llava, hf_clip, image):
     llava_dir, clip_dir = model_dirs
-    enc = L.load_text_encoders(llava_dir, clip_dir, cfg)
-    pos, neg = L.encode_prompts(enc, PROMPT, image, negative_prompts=NEGATIVE)
+    enc = MT.load_text_encoders(llava_dir, clip_dir, cfg)
+    pos, neg = T.encode_prompts(enc, PROMPT, image, negative_prompts=NEGATIVE)
     lc, n = cfg.llava, L.num_image_features(cfg.clip_vision)
     s = lc.text_len + n - 1
     for br in (pos, neg):
@@ -433,23 +438,16 @@ def test_item_name_and_negative_name(cfg):
     assert L.PROMPT_TEMPLATE.count("video.2. The color") == 1
 
 
-def test_pad_resize_follows_spec_2_1():
-    wide = np.zeros((10, 40, 3), np.uint8)
-    out = L.pad_resize(wide, 20, 20)                           # width -> 20, height int(10/40*20)=5, top (20-5)//2
-    assert out.shape == (20, 20, 3)
-    assert np.all(out[:7] == 255) and np.all(out[7:12] == 0) and np.all(out[12:] == 255)
-
-
 # ------------------------------------------------------------------------------------------- bad input
 
 
 def test_prompt_too_long_names_the_limit(cfg, dirs):
-    tok = L.load_llava_tokenizer(dirs[1])
+    tok = MT.load_llava_tokenizer(dirs[1])
     limit = cfg.llava.text_len + cfg.llava.crop_start
     with pytest.raises(ValueError, match=f"limit of {limit}.*<image>"):
-        L.tokenize_llava(tok, [L.build_prompt("walking dog " * 40, "object")], cfg)
+        T.tokenize_llava(tok, [L.build_prompt("walking dog " * 40, "object")], cfg)
     with pytest.raises(ValueError, match="exactly one <image>"):
-        L.tokenize_llava(tok, [L.build_prompt("a <image> here", "object")], cfg)
+        T.tokenize_llava(tok, [L.build_prompt("a <image> here", "object")], cfg)
 
 
 def test_missing_files_are_named(cfg, dirs, model_dirs, tmp_path):
@@ -458,43 +456,39 @@ def test_missing_files_are_named(cfg, dirs, model_dirs, tmp_path):
     shutil.copytree(llava_dir, broken)
     (broken / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        L.load_text_encoders(broken, clip_dir, cfg)
+        MT.load_text_encoders(broken, clip_dir, cfg)
     no_weights = tmp_path / "clip"
     shutil.copytree(clip_dir, no_weights)
     for f in no_weights.glob("*.safetensors"):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        L.load_clip_params(no_weights, cfg)
+        MT.load_clip_params(no_weights, cfg)
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
-        L.load_llava_params(sharded, cfg)
+        MT.load_llava_params(sharded, cfg)
     with pytest.raises(FileNotFoundError, match="model directory not found"):
-        L.load_clip_tokenizer(tmp_path / "nowhere")
+        MT.load_clip_tokenizer(tmp_path / "nowhere")
 
 
 def test_tokenizer_config_mismatch(cfg, dirs):
     bad = dataclasses.replace(cfg, llava=dataclasses.replace(cfg.llava, image_token_index=7))
     with pytest.raises(ValueError, match="image_token_index"):
-        L.tokenize_llava(L.load_llava_tokenizer(dirs[1]), [L.build_prompt("x", "object")], bad)
+        T.tokenize_llava(MT.load_llava_tokenizer(dirs[1]), [L.build_prompt("x", "object")], bad)
 
 
 # ------------------------------------------------------------------------------------------- full size
 
 
 def _manifest(name):
-    from tests.conftest import MANIFESTS
-
     return json.loads((MANIFESTS / name).read_text())["params"]
 
 
 def test_full_size_counts_and_manifests():
     full = load_config(None)
     assert L.count_params(L.abstract_params(full)) == 8_355_272_704
-    from hcjax.conditioning.clip import abstract_text_params
-
     assert L.count_params(abstract_text_params(full.clip_text)) == 123_060_480
     llava_m, clip_m = _manifest("llava-llama-3-8b-v1_1.json"), _manifest("clip-vit-large-patch14_text.json")
     out = conv_llava.check(llava_m, full)
@@ -541,8 +535,6 @@ def test_manifest_check_names_bad_keys(edit):
 
 
 def test_cli_converts_and_loads(cfg, model_dirs, tmp_path, image):
-    from convert_weights.__main__ import main
-
     llava_dir, clip_dir = model_dirs
     tiny = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
     crop = f"llava.crop_start={cfg.llava.crop_start}"
@@ -550,18 +542,18 @@ def test_cli_converts_and_loads(cfg, model_dirs, tmp_path, image):
                  "--set", crop]) == 0
     assert main(["clip", "--src", str(clip_dir), "--out", str(tmp_path / "clip"), "--config", tiny]) == 0
     assert main(["clip", "--src", str(clip_dir), "--out", str(tmp_path / "clip"), "--config", tiny]) == 2  # exists
-    a = L.load_text_encoders(llava_dir, clip_dir, cfg, llava_weights=tmp_path / "llava", clip_weights=tmp_path / "clip")
-    b = L.load_text_encoders(llava_dir, clip_dir, cfg)
-    pa, _ = L.encode_prompts(a, PROMPT, image)
-    pb, _ = L.encode_prompts(b, PROMPT, image)
+    a = MT.load_text_encoders(llava_dir, clip_dir, cfg, llava_weights=tmp_path / "llava", clip_weights=tmp_path / "clip")
+    b = MT.load_text_encoders(llava_dir, clip_dir, cfg)
+    pa, _ = T.encode_prompts(a, PROMPT, image)
+    pb, _ = T.encode_prompts(b, PROMPT, image)
     for x, y in zip(pa, pb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # restore the converted checkpoint straight into a sharded layout on 8 devices
-    c = L.load_text_encoders(llava_dir, clip_dir, cfg, llava_weights=tmp_path / "llava", clip_weights=tmp_path / "clip",
+    c = MT.load_text_encoders(llava_dir, clip_dir, cfg, llava_weights=tmp_path / "llava", clip_weights=tmp_path / "clip",
                              mesh=mesh_8())
     emb = c.llava_params["language_model"]["embed_tokens"]["embedding"]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    pc, _ = L.encode_prompts(c, PROMPT, image)
+    pc, _ = T.encode_prompts(c, PROMPT, image)
     for x, y in zip(pc, pb):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
@@ -574,8 +566,6 @@ def mesh_8():
 
 def test_sharded_params_on_8_devices(cfg, llava_params, fusion_case):
     mesh = mesh_8()
-    from hcjax.conditioning.clip import abstract_text_params
-
     abstract = L.abstract_params(cfg)
     used = set()
     for x in jax.tree.leaves((abstract, abstract_text_params(cfg.clip_text)),
@@ -597,7 +587,7 @@ def test_sharded_params_on_8_devices(cfg, llava_params, fusion_case):
     assert e < 1e-5
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     # the released 8B layout, abstractly: per-device shard shapes under the default rules
-    full = L.abstract_sharded_params(L.abstract_params(load_config(None)), mesh, dtype="bfloat16")
+    full = abstract_sharded(L.abstract_params(load_config(None)), mesh, L.TEXT_RULES, dtype="bfloat16")
     emb = full["language_model"]["embed_tokens"]["embedding"]
     assert emb.sharding.shard_shape(emb.shape) == (128320 // 2, 4096 // 4)
     k = full["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"]

@@ -1,5 +1,6 @@
 """Training: gradients vs plain jax.grad, sharded vs single-device step, loss drop on the synthetic dataset,
-SIGKILL + resume (bitwise), atomic checkpoints, bad input (batch vs mesh, incompatible resume, overwrite, NaN).
+SIGKILL + resume (bitwise), atomic checkpoints, bad input (batch vs mesh, incompatible resume, overwrite, NaN), the
+editing variant end to end (masked clips -> precompute -> bg_latents -> the step).
 
 The CLI runs are subprocesses on 1 CPU device sharing a persistent compilation cache, so the program compiled by
 the first run is reused by the others.
@@ -11,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +27,14 @@ import numpy as np
 import optax
 import pytest
 
-from hcjax import dit, sharding, training
+from hcjax import dit, sharding, training, vae
 from hcjax.checkpoint import (TrainCheckpoints, export_training_params, load_checkpoint_config, load_params,
-                              resume_differences)
+                              random_params, resume_differences)
 from hcjax.config import ConfigError, load_config
+from hcjax.data import BatchPlan, Loader, TrainBatch
+from hcjax.data.encode import precompute
+from hcjax.data.synthetic import generate
+from hcjax.media import decode_frames
 from hcjax.scheduler import euler_step, training_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,9 +61,9 @@ def random_batch(cfg, b=4, t=3, h=4, w=4, seed=0):
     s = cfg.llava.text_len
     mask = (np.arange(s)[None] < r.integers(3, s + 1, size=(b, 1))).astype(np.int32)
     f = lambda *shape: (0.5 * r.standard_normal(shape)).astype(np.float32)  # noqa: E731
-    batch = {"latents": f(b, t, h, w, c.in_channels), "ref_latents": f(b, 1, h, w, c.in_channels),
-             "null_ref_latents": f(b, 1, h, w, c.in_channels), "text_states": f(b, s, c.text_states_dim),
-             "text_mask": mask, "text_states_2": f(b, c.text_states_dim_2)}
+    batch = TrainBatch(latents=f(b, t, h, w, c.in_channels), ref_latents=f(b, 1, h, w, c.in_channels),
+                       null_ref_latents=f(b, 1, h, w, c.in_channels), text_states=f(b, s, c.text_states_dim),
+                       text_mask=mask, text_states_2=f(b, c.text_states_dim_2))
     null = {"text_states": f(s, c.text_states_dim), "text_mask": (np.arange(s) < 2).astype(np.int32),
             "text_states_2": f(c.text_states_dim_2)}
     return batch, null
@@ -83,10 +89,11 @@ def test_condition_dropout():
     batch, null = random_batch(cfg, b=64)
     out = training.apply_dropout(jax.tree.map(jnp.asarray, batch), jax.tree.map(jnp.asarray, null),
                                  jax.random.key(3), cfg.train)
-    is_null_t = np.array([np.array_equal(out["text_states"][i], null["text_states"]) for i in range(64)])
-    is_null_m = np.array([np.array_equal(out["text_mask"][i], null["text_mask"]) for i in range(64)])
-    is_null_i = np.array([np.array_equal(out["ref_latents"][i], batch["null_ref_latents"][i]) for i in range(64)])
-    kept_i = np.array([np.array_equal(out["ref_latents"][i], batch["ref_latents"][i]) for i in range(64)])
+    assert isinstance(out, TrainBatch)
+    is_null_t = np.array([np.array_equal(out.text_states[i], null["text_states"]) for i in range(64)])
+    is_null_m = np.array([np.array_equal(out.text_mask[i], null["text_mask"]) for i in range(64)])
+    is_null_i = np.array([np.array_equal(out.ref_latents[i], batch.null_ref_latents[i]) for i in range(64)])
+    kept_i = np.array([np.array_equal(out.ref_latents[i], batch.ref_latents[i]) for i in range(64)])
     assert np.array_equal(is_null_t, is_null_m) and 10 < is_null_t.sum() < 54
     assert np.all(is_null_i ^ kept_i) and 10 < is_null_i.sum() < 54
     assert not np.array_equal(is_null_t, is_null_i)                  # independent draws
@@ -98,17 +105,17 @@ def test_condition_dropout():
 def reference_loss(params, batch, null, key, cfg):
     """Independent statement of the objective (no mesh, no remat): the sampler's convention, dropout as documented."""
     tc = cfg.train
-    x0 = batch["latents"]
+    x0 = batch.latents
     b = x0.shape[0]
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     sigma = training_sigmas(k_sigma, b, tc.flow_shift, tc.timestep_sampling)
     eps = jax.random.normal(k_noise, x0.shape)
     u = jax.random.uniform(k_drop, (3, b))
     dt, di = u[0] < tc.drop_text, u[1] < tc.drop_image
-    ts = jnp.where(dt[:, None, None], null["text_states"][None], batch["text_states"])
-    tm = jnp.where(dt[:, None], null["text_mask"][None], batch["text_mask"])
-    t2 = jnp.where(dt[:, None], null["text_states_2"][None], batch["text_states_2"])
-    ref = jnp.where(di[:, None, None, None, None], batch["null_ref_latents"], batch["ref_latents"])
+    ts = jnp.where(dt[:, None, None], null["text_states"][None], batch.text_states)
+    tm = jnp.where(dt[:, None], null["text_mask"][None], batch.text_mask)
+    t2 = jnp.where(dt[:, None], null["text_states_2"][None], batch.text_states_2)
+    ref = jnp.where(di[:, None, None, None, None], batch.null_ref_latents, batch.ref_latents)
     xt = (1 - sigma[:, None, None, None, None]) * x0 + sigma[:, None, None, None, None] * eps
     v = dit.HunyuanDiT(cfg.dit).apply({"params": params}, xt, sigma * 1000.0, ts, tm, t2, ref_latents=ref)
     return jnp.mean((v - (eps - x0)) ** 2)
@@ -195,7 +202,7 @@ def test_nonfinite_step_keeps_state(grad_setup):
     """A NaN in the batch: the step reports finite=False and returns the state unchanged (uses the 1-device
     program compiled above: same shapes)."""
     cfg, params, batch, null = grad_setup
-    bad = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+    bad = batch.replace(latents=np.full_like(batch.latents, np.nan))
     new, m = run_step(cfg, params, bad, null, (1, 1, 1, 1))
     assert not bool(m["finite"]) and int(new["step"]) == 5
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params)):
@@ -322,9 +329,6 @@ def subprocess_env(devices: int, cache: Path | None = None) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Synthetic dataset -> precomputed cache -> one uninterrupted 100-step run (train.py)."""
-    from hcjax.data.synthetic import generate
-    from hcjax.precompute import precompute
-
     root = tmp_path_factory.mktemp("train")
     generate(root / "raw", num_clips=16, frames=13, height=32, width=32, seed=0)
     cfg = tiny_cfg()
@@ -424,10 +428,6 @@ def test_cli_refuses_to_overwrite_and_incompatible_resume(runs):
 
 def test_cli_nan_stops_and_keeps_last_good_checkpoint(runs):
     bad = runs["root"] / "bad_cache"
-    import shutil
-
-    from hcjax.data import BatchPlan
-
     shutil.copytree(runs["cache"], bad)
     entries = json.loads((bad / "index.json").read_text())["clips"]
     plan = BatchPlan([0] * len(entries), tiny_cfg().train.batch_size, tiny_cfg().train.data.seed)
@@ -467,3 +467,74 @@ def test_bf16_compute_keeps_fp32_master_params(grad_setup):
     for g, p0, p1 in zip(jax.tree.leaves(m["grads"]), jax.tree.leaves(params), jax.tree.leaves(new["params"])):
         assert g.dtype == p1.dtype == np.float32
     assert any(not np.array_equal(p0, p1) for p0, p1 in zip(jax.tree.leaves(params), jax.tree.leaves(new["params"])))
+
+
+# ------------------------------------------------------------------------------------------- editing variant
+
+
+def test_editing_variant_trains_end_to_end(tmp_path):
+    """Editing (dit.video_condition): clips with mask videos -> precompute writes bg_latents = the VAE latents of
+    [the clip with the masked region blacked out ; the mask] (checked against a re-derivation of spec 2.2 with
+    expand_scale 0: threshold only) -> the loader's TrainBatch carries them -> the step feeds them to the DiT (bg_in
+    and bg_proj get non-zero gradients, the loss depends on them) and a few steps train with finite losses."""
+    import cv2
+
+    generate(tmp_path / "raw", num_clips=8, frames=9, height=32, width=32, seed=4, masks=True)
+    cfg = tiny_cfg("dit.video_condition=true", "dit.bg_in_channels=8", "sample.expand_scale=0",
+                   f"train.data.path={tmp_path / 'cache'}", "train.warmup_steps=0")
+    index = precompute(cfg, tmp_path / "raw", tmp_path / "cache")
+    assert len(index["clips"]) == 8 and index["scan"]["total"] == 8 and index["bg_channels"] == 8   # masks: no clips
+
+    # bg_latents of one clip, re-derived: the 9-frame window is the whole clip (start 0), 32x32 is the bucket
+    entry = index["clips"][0]
+    src = tmp_path / "raw" / entry["source"]
+    meta = json.loads(src.with_suffix(".json").read_text())
+    frames = decode_frames(src, range(9))
+    mask_rgb = decode_frames(tmp_path / "raw" / meta["mask"], range(9))
+    inside = np.stack([cv2.cvtColor(m, cv2.COLOR_BGR2GRAY) for m in mask_rgb]) > 127.5          # [F, H, W]
+    saturated = (frames.max(-1).astype(int) - frames.min(-1)) > 60                              # the subject
+    assert (inside & saturated).sum() / (inside | saturated).sum() > 0.8                          # mask = subject
+    bg_pix = np.where(inside[..., None], 0, frames).astype(np.float32) / 255.0 * 2 - 1
+    mask_pix = np.repeat(np.where(inside, 1.0, -1.0)[..., None], 3, -1).astype(np.float32)
+    vae_params = random_params(vae.abstract_params(cfg.vae), cfg.train.data.seed, std=None)     # vae_weights: random
+    want = np.concatenate([np.asarray(vae.encode_video(vae_params, cfg.vae, x[None]))[0] for x in (bg_pix, mask_pix)],
+                          axis=-1)
+    with np.load(tmp_path / "cache" / entry["file"]) as z:
+        got, latents = z["bg_latents"], z["latents"]
+    assert got.shape == (3, 4, 4, 8) and latents.shape == (3, 4, 4, 4)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    assert not np.allclose(got[..., :4], latents, atol=1e-2)              # the subject is masked out
+
+    # the loader's batches carry them; the step feeds them to the DiT
+    loader = Loader(cfg, steps=4, process_index=0, process_count=1)
+    batches = list(loader)
+    loader.close()
+    assert all(isinstance(b, TrainBatch) and b.bg_latents.shape == (4, 3, 4, 4, 8) for b in batches)
+    mesh = mesh_of((1, 1, 1, 1))
+    opt, _ = training.make_optimizer(cfg.train)
+    step = training.make_train_step(cfg, opt, mesh, RULES, with_grads=True, compiler_options=FAST)
+    with np.load(tmp_path / "cache" / "null.npz") as z:
+        null = training.device_null({k: z[k] for k in training.NULL_KEYS}, mesh)
+    state = training.create_state(cfg, mesh, RULES, opt)
+    params0 = jax.device_get(state["params"])
+    losses_, metrics = [], []
+    for b in batches:
+        state, m = step(state, training.to_global(b, mesh, RULES), null)
+        metrics.append(jax.device_get(m))
+        losses_.append(float(metrics[-1]["loss"]))
+    first = metrics[0]
+    assert all(np.isfinite(losses_)) and all(bool(m["finite"]) for m in metrics), losses_
+    for name in ("bg_in", "bg_proj"):
+        norm = float(optax.tree.norm(first["grads"][name]))
+        assert norm > 1e-6, (name, norm)
+    moved = jax.device_get(state["params"]["bg_in"])
+    assert any(not np.array_equal(a, c) for a, c in zip(jax.tree.leaves(params0["bg_in"]), jax.tree.leaves(moved)))
+    # the same step with other bg_latents gives another loss (same params and key: everything else equal)
+    state2 = training.create_state(cfg, mesh, RULES, opt, params=params0)
+    zeroed = batches[0].replace(bg_latents=np.zeros_like(batches[0].bg_latents))
+    _, m0 = step(state2, training.to_global(zeroed, mesh, RULES), null)
+    assert float(m0["loss"]) != pytest.approx(losses_[0], rel=1e-4)
+    # an editing DiT without bg_latents is an error, never a silent zero
+    with pytest.raises(ValueError, match="bg_latents"):
+        step(training.create_state(cfg, mesh, RULES, opt, params=params0),
+             training.to_global(batches[0].replace(bg_latents=None), mesh, RULES), null)

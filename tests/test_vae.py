@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,12 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo
 
 from convert_weights import vae as conv
+from convert_weights.__main__ import main
 from convert_weights.rules import ConversionError
 from hcjax import vae
+from hcjax.checkpoint import load_params
 from hcjax.config import VAEConfig, preset
+from tests.conftest import ROOT
 
 TOL = 1e-4
 FULL_PARAMS = 246_478_803
@@ -160,8 +164,6 @@ def test_tiled_decode_memory_flat_in_length(tiny):
     """9 vs 17 latent frames (4x4 latents, temporal tiles of 5): device side, both lengths run the same single
     compiled tile executable (no recompile; identical compiled memory); host side, the tracemalloc peak of the
     tiling loop beyond the output array itself stays flat (only blend tails of neighbours are kept)."""
-    import tracemalloc
-
     cfg, _, params, _ = tiny
     vae.tile_fn.cache_clear()
     fn = vae.tile_fn(cfg, "decode")
@@ -195,9 +197,9 @@ def test_tiled_decode_memory_flat_in_length(tiny):
     ((1, 8, 8, 8, 4), (3, 3, 3, 4, 4), (1, 2, 2)),       # space-only downsample
     ((1, 5, 6, 6, 3), (1, 3, 3, 3, 2), (1, 1, 1)),       # one temporal tap
 ])
-def test_conv3d_taps_matches_torch_conv3d(shape, kernel, stride):
-    """The CPU path (temporal taps folded into a 2D conv) and XLA's native 3D conv against torch's conv3d,
-    values and gradients."""
+def test_conv3d_impls_match_torch_conv3d(shape, kernel, stride):
+    """The CPU paths (one 2D conv per temporal tap, summed; taps folded into channels) and XLA's native 3D conv
+    against torch's conv3d, values and gradients."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(kernel).astype(np.float32)
@@ -206,7 +208,7 @@ def test_conv3d_taps_matches_torch_conv3d(shape, kernel, stride):
     yt = torch.nn.functional.conv3d(xt, wt, stride=stride)
     yt.square().sum().backward()
     ref = yt.detach().numpy().transpose(0, 2, 3, 4, 1)
-    for impl in ("taps", "native"):
+    for impl in ("sum", "taps", "native"):
         out = vae.conv3d(jnp.asarray(x), jnp.asarray(w), stride, impl)
         gx, gw = jax.grad(lambda a, b: jnp.sum(vae.conv3d(a, b, stride, impl) ** 2), argnums=(0, 1))(x, w)
         assert out.shape == ref.shape
@@ -321,9 +323,6 @@ def test_bad_vae_configs():
 def test_original_layout_and_cli(tiny, tmp_path):
     """``vae.``-prefixed keys under ``state_dict`` (other keys ignored, as the original loader does), via the
     CLI; the written params equal the diffusers-format conversion."""
-    from convert_weights.__main__ import main
-    from hcjax.checkpoint import load_params
-
     cfg, model, params, sd = tiny
     original = {"state_dict": {**{f"vae.{k}": v for k, v in model.state_dict().items()},
                                "loss.logvar": torch.zeros(1)}}
@@ -331,7 +330,7 @@ def test_original_layout_and_cli(tiny, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), direct, params)
     src = tmp_path / "pytorch_model.pt"
     torch.save(original, src)
-    tiny_yaml = str(vae.__file__).replace("hcjax/vae.py", "configs/tiny.yaml")
+    tiny_yaml = str(ROOT / "configs" / "tiny.yaml")
     out = tmp_path / "vae_ckpt"
     assert main(["vae", "--src", str(src), "--out", str(out), "--config", tiny_yaml]) == 0
     loaded = load_params(out)

@@ -1,1 +1,2 @@
-"""Conditioning encoders: text (LLaVA, CLIP), audio (Whisper + AudioNet), video (editing)."""
+"""Conditioning encoders: text (LLaVA, CLIP), audio (Whisper; the AudioNet adapters live in hcjax.dit.audio), video
+(editing)."""

@@ -12,9 +12,10 @@ Per mask frame (OpenCV, as the original): bilinear resize to the video size; RGB
 (masked background = -1; mask video = +1 inside, -1 outside, its single channel replicated 3 times) and
 VAE-encoded separately.
 
-Differences from the original, documented: videos are decoded with ffmpeg through PyAV instead of decord (same
-decoder; the YUV->RGB conversion may differ by a code value); the VAE posterior is the mean when no ``key`` is
-given (the original samples with torch's global RNG); the DWPose ``--pose-enhance`` fill is not implemented.
+Differences from the original, documented: videos are decoded by :func:`hcjax.media.read_video` (ffmpeg through
+PyAV) instead of decord (same decoder; the YUV->RGB conversion may differ by a code value); the VAE posterior is
+the mean when no ``key`` is given (the original samples with torch's global RNG); the DWPose ``--pose-enhance``
+fill is not implemented.
 
 Input checks (errors and warnings name the files): unreadable or empty videos; a frame size that is not a
 multiple of 16; mask and video of different lengths (warning; the first ``min`` frames are used, as in the
@@ -28,61 +29,17 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ..media import read_video
+from ..vae import encode_video
 
 DILATE_ITERATIONS = 3
 THRESHOLD = 127.5
 MAX_GRAY_FRACTION = 0.25
 SIZE_MULTIPLE = 16
-
-
-# ------------------------------------------------------------------------------------------- decoding
-
-
-def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
-    """Decode all frames (or the first ``max_frames``) of ``path`` to ``uint8 [N, h, w, 3]`` RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - dependency
-        raise ImportError("reading videos needs PyAV: pip install av") from e
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except (ValueError, av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"cannot decode video file {path}: {e}") from None
-    if not frames:
-        raise ValueError(f"video file {path} contains no frames")
-    return np.stack(frames)
-
-
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, codec: str = "libx264", **options) -> Path:
-    """Encode ``uint8 [N, h, w, 3]`` RGB frames (mp4 with libx264 by default; ``crf="0"`` for near-lossless)."""
-    import av
-
-    path = Path(path)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [N, h, w, 3]; got {frames.dtype} {frames.shape}")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv444p" if codec == "libx264" else stream.pix_fmt
-        stream.options = {k: str(v) for k, v in options.items()}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -202,11 +159,6 @@ def encode_editing_latents(vae_params, vae_cfg, bg_pixels, mask_pixels, key=None
     ``hcjax.vae.encode_video`` already applies the scaling factor. ``key`` None: posterior means; else two
     independent posterior samples (the original samples, spec 4.6).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from ..vae import encode_video
-
     if bg_pixels.shape != mask_pixels.shape:
         raise ValueError(f"background {bg_pixels.shape} and mask {mask_pixels.shape} pixel tensors differ in shape")
     kb, km = (None, None) if key is None else tuple(jax.random.split(key))

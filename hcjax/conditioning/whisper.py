@@ -10,16 +10,15 @@ The ``Lw`` hidden states are, in order: the conv-stem output plus positional tab
 1 .. L-1, and the final-LayerNorm output of layer L (transformers' ``output_hidden_states`` ordering; the raw
 output of the last layer is not included).
 
-Pipeline (:func:`audio_prompts_from_file`): decode the audio file to mono 16 kHz (``librosa.load`` semantics:
-libsndfile, else ffmpeg through PyAV; mean of channels; soxr "HQ" resampling, length ``ceil(n * 16000/sr)``);
-``WhisperFeatureExtractor`` log-mels of the first 30 s; the encoder; windows of 10 encoder frames per video frame
-starting at ``2f`` after 4 leading zero frames (25 fps); all-zero windows past the end of the audio.
+Pipeline (:func:`audio_prompts_from_file`): decode the audio file to mono 16 kHz (:func:`hcjax.media.read_audio`,
+``librosa.load`` semantics); ``WhisperFeatureExtractor`` log-mels of the first 30 s; the encoder; windows of 10
+encoder frames per video frame starting at ``2f`` after 4 leading zero frames (25 fps); all-zero windows past the
+end of the audio.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from ..config import WhisperConfig
 from ..layers import Dense, LayerNorm, logical, to_dtype
+from ..media import read_audio
 
 SAMPLE_RATE = 16000
 CHUNK_SAMPLES = 480_000          # 30 s: one WhisperFeatureExtractor chunk; only the first one is encoded
@@ -127,78 +127,7 @@ def abstract_params(cfg: WhisperConfig) -> dict:
     return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
 
 
-# ------------------------------------------------------------------------------------------- audio files
-
-
-def _librosa_resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """``librosa.resample(y, res_type='soxr_hq')`` (librosa 0.11): soxr HQ, then fix the length to ceil(n*ratio)."""
-    if orig_sr == target_sr:
-        return y
-    import soxr
-
-    n_out = int(math.ceil(y.shape[-1] * float(target_sr) / orig_sr))
-    out = np.asarray(soxr.resample(y, orig_sr, target_sr, quality="soxr_hq"), dtype=y.dtype)
-    if out.shape[-1] >= n_out:
-        return out[:n_out]
-    return np.pad(out, (0, n_out - out.shape[-1]))
-
-
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)          # [n, channels]
-    return data.T, int(sr)
-
-
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            raise ValueError("no audio stream")
-        stream = container.streams.audio[0]
-        sr = int(stream.rate or stream.codec_context.sample_rate)
-        resampler = av.AudioResampler(format="fltp", rate=sr)
-        chunks = []
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
-    if not chunks:
-        return np.zeros((1, 0), np.float32), sr
-    return np.concatenate(chunks, axis=1).astype(np.float32), sr
-
-
-def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode ``path`` to a mono float32 waveform at ``sr`` Hz, as ``librosa.load(path, sr=sr)`` does.
-
-    wav/flac/ogg/mp3 are read with libsndfile (soundfile); anything else ffmpeg can decode (m4a, aac, the audio
-    track of an mp4, ...) through PyAV. Channels are averaged, then resampled with soxr (``soxr_hq``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    errors = []
-    data = None
-    try:
-        data, rate = _read_soundfile(path)
-    except Exception as e:  # libsndfile cannot read this container/codec: try ffmpeg
-        errors.append(f"libsndfile: {e}")
-        try:
-            data, rate = _read_pyav(path)
-        except ImportError:
-            errors.append("PyAV is not installed (pip install av) for non-libsndfile formats")
-        except Exception as e2:
-            errors.append(f"ffmpeg/PyAV: {e2}")
-    if data is None:
-        raise ValueError(f"cannot decode audio file {path} (expected wav, flac, ogg, mp3, m4a or another format "
-                         f"ffmpeg reads): {'; '.join(errors)}")
-    y = data.mean(axis=0) if data.shape[0] > 1 else data[0]
-    y = _librosa_resample(np.ascontiguousarray(y, dtype=np.float32), rate, sr)
-    if y.size == 0:
-        raise ValueError(f"audio file {path} contains no samples")
-    return y
+# ------------------------------------------------------------------------------------------- features
 
 
 def feature_extractor(whisper_dir: str | Path | None = None):
@@ -273,7 +202,7 @@ def audio_prompts_from_file(path: str | Path, params, cfg: WhisperConfig, video_
     The unconditional CFG branch uses ``zeros_like`` of the result.
     """
     path = Path(path)
-    wave = load_audio(path)
+    wave = read_audio(path, SAMPLE_RATE)
     audio_len = audio_frame_count(wave.shape[0], fps)
     if audio_len < video_length:
         warnings.warn(f"{path}: the audio lasts {wave.shape[0] / SAMPLE_RATE:.2f} s = {audio_len} video frames at "

@@ -12,10 +12,12 @@
 * **Bad clips at read time** (e.g. a file corrupt past its header) are logged, counted in the batch's
   ``skipped`` field and replaced by the next clip of the same bucket, deterministically.
 
-Raw batches: ``video uint8 [b, F, H, W, 3]``, ``ref_image uint8 [b, H, W, 3]`` (padding-resized, white),
+Raw batches (dicts): ``video uint8 [b, F, H, W, 3]``, ``ref_image uint8 [b, H, W, 3]`` (padding-resized, white),
 ``llava_image uint8 [b, S, S, 3]``, ``frame_index int32 [b, F]``, ``fps [b]``, lists ``caption``, ``item_name``,
-``audio``. Precomputed batches: ``latents [b, t, h, w, C]``, ``ref_latents``/``null_ref_latents [b, 1, h, w, C]``,
-``text_states [b, S, D]``, ``text_mask [b, S]``, ``text_states_2 [b, D2]`` (+ ``audio_features``).
+``audio`` (+ ``mask_video uint8 [b, F, H, W, 3]`` for clips with a mask, editing); :class:`hcjax.data.encode.Encoders`
+turns them into a :class:`~hcjax.data.batch.TrainBatch`. Precomputed batches are :class:`TrainBatch` es directly
+(``latents [b, t, h, w, C]``, ``ref_latents``/``null_ref_latents [b, 1, h, w, C]``, ``text_states [b, S, D]``,
+``text_mask [b, S]``, ``text_states_2 [b, D2]``, + ``audio_features`` / ``bg_latents`` for audio / editing DiTs).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import grain
+import jax
 import numpy as np
+from absl import flags
 
 from ..config import Config, DataConfig
+from ..media import cover_crop, decode_frames, pad_resize, read_image
 from . import sources
-from .video_io import cover_crop, decode_frames, pad_resize, read_image
+from .batch import TrainBatch
 
 log = logging.getLogger("hcjax.data")
 MAX_TRIES = 8
@@ -114,7 +120,7 @@ class RawReader:
         else:
             k = int(rng.integers(0, dc.num_frames)) if dc.ref_frame < 0 else dc.ref_frame
             src = video[k]
-        return {
+        out = {
             "video": video,
             "ref_image": pad_resize(src, height, width),
             "llava_image": pad_resize(src, self.llava_size, self.llava_size),
@@ -124,15 +130,19 @@ class RawReader:
             "item_name": c.item_name,
             "audio": c.audio or "",
         }
+        if c.mask is not None:      # the same window, resized and cropped as the clip
+            out["mask_video"] = cover_crop(decode_frames(c.mask, idx), height, width)
+        return out
 
 
 class NpzReader:
-    """Load one precomputed clip (+ the white-image reference latents of its size)."""
+    """Load one precomputed clip (+ the white-image reference latents of its size); ``audio`` / ``editing`` also
+    read ``audio_features`` / ``bg_latents``."""
 
     KEYS = ("latents", "ref_latents", "text_states", "text_mask", "text_states_2")
 
-    def __init__(self, entries: list[dict], null_path: str, audio: bool):
-        self.entries, self.null_path, self.audio = entries, null_path, audio
+    def __init__(self, entries: list[dict], null_path: str, audio: bool, editing: bool = False):
+        self.entries, self.null_path, self.audio, self.editing = entries, null_path, audio, editing
         self._null: dict | None = None
 
     def __getstate__(self):
@@ -153,7 +163,8 @@ class NpzReader:
         e = self.entries[record]
         try:
             with np.load(e["file"]) as z:
-                keys = self.KEYS + (("audio_features",) if self.audio else ())
+                keys = self.KEYS + (("audio_features",) if self.audio else ()) + \
+                    (("bg_latents",) if self.editing else ())
                 missing = [k for k in keys if k not in z.files]
                 if missing:
                     raise ValueError(f"missing arrays {missing}")
@@ -203,30 +214,29 @@ class LoadBatch:
 class Loader:
     """Iterator over this host's batches for steps ``start_step .. steps-1``; ``state()`` is checkpointable.
 
-    ``kind`` is ``raw`` or ``precomputed`` (``train.data.mode``). ``skipped`` counts clips skipped at scan time
-    (by reason) and at read time (``read_error``).
+    ``kind`` is ``raw`` (yields raw dicts, see the module docstring) or ``precomputed`` (yields
+    :class:`TrainBatch`), from ``train.data.mode``. ``skipped`` counts clips skipped at scan time (by reason) and at
+    read time (``read_error``).
     """
 
     def __init__(self, cfg: Config, *, start_step: int = 0, read_skips: int = 0, steps: int | None = None,
                  process_index: int | None = None, process_count: int | None = None, workers: int | None = None,
                  shuffle: bool = True):
-        import grain
-
         tc, dc = cfg.train, cfg.train.data
         if process_index is None or process_count is None:
-            import jax
-
             process_index, process_count = jax.process_index(), jax.process_count()
         if tc.batch_size % process_count:
             raise ValueError(f"train.batch_size={tc.batch_size} does not divide over {process_count} hosts")
         self.kind = dc.mode
         if dc.mode == "raw":
-            clips, self.report = sources.scan_raw(dc, cfg.llava.item_name, cfg.dit.audio_condition)
+            clips, self.report = sources.scan_raw(dc, cfg.llava.item_name, cfg.dit.audio_condition,
+                                                  need_mask=cfg.dit.video_condition)
             reader = RawReader(dc, clips, cfg.clip_vision.image_size)
             buckets, self.index = [c.bucket for c in clips], None
         else:
             entries, self.index, self.report = sources.scan_precomputed(dc)
-            reader = NpzReader(entries, str(Path(dc.path) / sources.NULL), cfg.dit.audio_condition)
+            reader = NpzReader(entries, str(Path(dc.path) / sources.NULL), cfg.dit.audio_condition,
+                               cfg.dit.video_condition)
             buckets = [e["bucket"] for e in entries]
         if not buckets:
             raise ValueError(f"no usable clips in {dc.path} ({self.report.summary()})")
@@ -240,8 +250,6 @@ class Loader:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dc.threads, prefetch_buffer_size=dc.prefetch))
         workers = dc.workers if workers is None else workers
         if workers > 0:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():     # grain workers read absl flags; we are not an absl app
                 flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -250,14 +258,14 @@ class Loader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> dict | TrainBatch:
         batch = next(self._it)
         step = int(batch.pop("step"))
         if step != self.next_step:
             raise RuntimeError(f"data pipeline out of order: got step {step}, expected {self.next_step}")
         self.read_skips += int(batch.pop("skipped"))
         self.next_step += 1
-        return batch
+        return batch if self.kind == "raw" else TrainBatch.from_arrays(batch)
 
     @property
     def skipped(self) -> dict[str, int]:

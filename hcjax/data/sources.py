@@ -3,11 +3,18 @@
 Raw layout (any depth under the root)::
 
     <name>.mp4   (or .mov/.mkv/.webm/.avi)
-    <name>.json  {"caption": str (required), "item_name": str, "ref_image": path, "audio": path}
+    <name>.json  {"caption": str (required), "item_name": str, "ref_image": path, "audio": path, "mask": path}
 
-Paths inside the JSON are relative to the JSON's directory. A clip is *skipped and counted* (with a logged
-warning naming the file; ``strict`` raises instead) when its JSON is missing or invalid, its caption is missing or
-empty, its reference image or audio file is missing, its video cannot be read, or it has fewer frames than one
+Paths inside the JSON are relative to the JSON's directory. ``mask`` (needed to train the editing DiT,
+``dit.video_condition``) is a mask video of the clip: white where the subject is (the region the model
+regenerates), black on the background it keeps; same frame size as the clip and at least as many frames. Training
+masks the clip's own frames with it (the masked background and the mask become ``bg_latents``, see
+:class:`hcjax.data.encode.Encoders`), as sampling does with ``--input-video``/``--mask-video``. A video named as
+some clip's mask is not itself a clip.
+
+A clip is *skipped and counted* (with a logged warning naming the file; ``strict`` raises instead) when its JSON is
+missing or invalid, its caption is missing or empty, its reference image, audio or mask file is missing (or
+needed and not named), its video or mask cannot be read or does not fit, or it has fewer frames than one
 training window needs. Each kept clip is assigned the bucket ``(height, width)`` whose aspect ratio is closest.
 
 Precomputed layout (written by ``python -m hcjax.precompute``): ``index.json`` listing ``clips/*.npz`` with their
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
-from .video_io import probe
+from ..media import probe
 
 log = logging.getLogger("hcjax.data")
 
@@ -50,6 +57,7 @@ class Clip:
     width: int
     fps: float
     bucket: int          # index into DataConfig.buckets
+    mask: str | None = None     # mask video (editing)
 
 
 @dataclasses.dataclass
@@ -95,13 +103,33 @@ def _rel(base: Path, value) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _read_meta(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def mask_videos(root: str | Path) -> set[Path]:
+    """The (resolved) videos under ``root`` that a clip's JSON names as its ``mask``: they are not clips."""
+    out = set()
+    for meta_path in Path(root).rglob("*.json"):
+        try:
+            meta = _read_meta(meta_path)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("mask"), str):
+            out.add(_rel(meta_path.parent, meta["mask"]).resolve())
+    return out
+
+
 def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool = False,
-             root: str | Path | None = None) -> tuple[list[Clip], ScanReport]:
-    """Index the raw dataset at ``root`` (default ``dc.path``); returns the usable clips and the report."""
+             root: str | Path | None = None, *, need_mask: bool = False) -> tuple[list[Clip], ScanReport]:
+    """Index the raw dataset at ``root`` (default ``dc.path``); returns the usable clips and the report.
+    ``need_audio`` / ``need_mask``: clips without an audio file / a mask video are skipped (audio / editing DiT)."""
     root = Path(root if root is not None else dc.path)
     if not str(root) or not root.is_dir():
         raise FileNotFoundError(f"dataset directory not found: {root!s} (set train.data.path)")
-    videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    masks = mask_videos(root)
+    videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file()
+                    and p.resolve() not in masks)
     report = ScanReport(total=len(videos))
     need = window_frames(dc)
     clips: list[Clip] = []
@@ -111,7 +139,7 @@ def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool
             report.skip(v, "missing_json", f"no caption file {meta_path.name}", dc.strict)
             continue
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = _read_meta(meta_path)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             report.skip(meta_path, "bad_json", f"invalid JSON ({e})", dc.strict)
             continue
@@ -145,6 +173,16 @@ def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool
         elif need_audio:
             report.skip(meta_path, "missing_audio", "no \"audio\" (the DiT is an audio model)", dc.strict)
             continue
+        mask = meta.get("mask")
+        if mask is not None:
+            if not isinstance(mask, str) or not _rel(meta_path.parent, mask).is_file():
+                report.skip(meta_path, "missing_mask", f"mask video {mask} not found", dc.strict)
+                continue
+            mask = _rel(meta_path.parent, mask)
+        elif need_mask:
+            report.skip(meta_path, "missing_mask", "no \"mask\" video (the DiT is an editing model, "
+                        "dit.video_condition)", dc.strict)
+            continue
         try:
             info = probe(v)
         except ValueError as e:
@@ -154,9 +192,19 @@ def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool
             report.skip(v, "too_short", f"{info.frames} frames; a window of {dc.num_frames} frames with stride "
                         f"{dc.frame_stride} needs {need}", dc.strict)
             continue
+        if mask is not None:
+            try:
+                m = probe(mask)
+            except ValueError as e:
+                report.skip(mask, "bad_mask", str(e), dc.strict)
+                continue
+            if (m.height, m.width) != (info.height, info.width) or m.frames < info.frames:
+                report.skip(mask, "bad_mask", f"mask video of {m.frames} frames {m.width}x{m.height} does not "
+                            f"cover the clip {v.name} ({info.frames} frames {info.width}x{info.height})", dc.strict)
+                continue
         clips.append(Clip(str(v), caption.strip(), item.strip(), None if ref is None else str(ref),
                           None if audio is None else str(audio), info.frames, info.height, info.width, info.fps,
-                          nearest_bucket(info.height, info.width, dc.buckets)))
+                          nearest_bucket(info.height, info.width, dc.buckets), None if mask is None else str(mask)))
     report.kept = len(clips)
     log.info("dataset %s: %s", root, report.summary())
     return clips, report

@@ -7,8 +7,10 @@ each clip ``clip_NNNN`` the generator writes the layout :mod:`hcjax.data` reads:
     clip_NNNN.mp4        H.264 video, ``--frames`` frames of ``--height x --width``
     clip_NNNN.json       {"caption": "...", "item_name": "...", "ref_image": "clip_NNNN_ref.png", ...}
     clip_NNNN_ref.png    the subject alone, centred on white (the reference image)
+    clip_NNNN_mask.mp4   with ``--masks``: the subject's region per frame, white on black (``"mask"`` in the
+                         JSON): the editing DiT trains on the clip with that region masked out (:mod:`.sources`)
 
-Deterministic for a ``--seed``. Used by the tests and the demo.
+Deterministic for a ``--seed`` (with or without masks: the clips are the same). Used by the tests and the demo.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .video_io import write_mp4
+from ..cli import run_cli
+from ..media import write_video
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 TEXTURES = ("striped", "checkered", "dotted", "plain")
@@ -54,11 +58,20 @@ def _texture(texture: str, dx: np.ndarray, dy: np.ndarray, period: float) -> np.
     return np.ones_like(dx, bool)
 
 
+def _offsets(cx: float, cy: float, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    return xx + 0.5 - cx, yy + 0.5 - cy
+
+
+def subject_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
+    """``bool [H, W]``: the pixels :func:`render` paints with the subject centred at ``(cx, cy)``."""
+    return _mask(shape, *_offsets(cx, cy, height, width), r)
+
+
 def render(shape: str, texture: str, color, cx: float, cy: float, r: float, height: int, width: int,
            background: np.ndarray) -> np.ndarray:
     """One ``uint8 [H, W, 3]`` frame: the subject centred at ``(cx, cy)`` over ``background``."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    dx, dy = xx + 0.5 - cx, yy + 0.5 - cy
+    dx, dy = _offsets(cx, cy, height, width)
     inside = _mask(shape, dx, dy, r)
     on = _texture(texture, dx, dy, max(r / 3.0, 1.5))
     col = np.asarray(color, np.float32)
@@ -68,10 +81,13 @@ def render(shape: str, texture: str, color, cx: float, cy: float, r: float, heig
 
 
 def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
-              subject: tuple[str, str, str] | None = None, direction: str | None = None, travel: float = 1.0):
-    """Frames, reference image and metadata of one random clip; ``subject`` = ``(color, texture, shape)`` and
-    ``direction`` fix those choices (the random draws are made either way, so other choices do not change).
-    ``travel``: the fraction of the frame the subject crosses (1: edge to edge; less: from a random start)."""
+              subject: tuple[str, str, str] | None = None, direction: str | None = None, travel: float = 1.0,
+              *, return_mask: bool = False):
+    """Frames ``uint8 [F, H, W, 3]``, reference image ``uint8 [H, W, 3]`` and metadata of one random clip (and with
+    ``return_mask`` the subject's region ``uint8 [F, H, W, 3]``, 255 inside, 0 outside, as a 4th value).
+    ``subject`` = ``(color, texture, shape)`` and ``direction`` fix those choices (the random draws are made either
+    way, so other choices do not change). ``travel``: the fraction of the frame the subject crosses (1: edge to
+    edge; less: from a random start)."""
     if not 0.0 < travel <= 1.0:
         raise ValueError(f"travel must be in (0, 1], got {travel}")
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -107,14 +123,16 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
         "caption": f"a {name} moves {direction} across a gray background",
         "item_name": name, "shape": shape, "texture": texture, "color": color, "motion": direction,
     }
-    return video, ref, meta
+    if not return_mask:
+        return video, ref, meta
+    mask = np.stack([subject_mask(shape, x, y, r, height, width) for x, y in zip(xs, ys)])
+    return video, ref, meta, np.repeat(mask[..., None], 3, axis=-1).astype(np.uint8) * 255
 
 
 def generate(out: str | Path, num_clips: int = 16, frames: int = 33, height: int = 64, width: int = 64,
-             seed: int = 0, fps: int = 25, overwrite: bool = False) -> list[Path]:
-    """Write ``num_clips`` clips into ``out``; returns the mp4 paths."""
-    from PIL import Image
-
+             seed: int = 0, fps: int = 25, overwrite: bool = False, masks: bool = False) -> list[Path]:
+    """Write ``num_clips`` clips into ``out`` (with ``masks`` also each clip's mask video); returns the clips' mp4
+    paths."""
     out = Path(out)
     if num_clips < 1 or frames < 1:
         raise ValueError(f"need num_clips >= 1 and frames >= 1, got {num_clips} and {frames}")
@@ -126,11 +144,14 @@ def generate(out: str | Path, num_clips: int = 16, frames: int = 33, height: int
     paths = []
     for i in range(num_clips):
         rng = np.random.default_rng([seed, i])
-        video, ref, meta = make_clip(rng, frames, height, width)
+        video, ref, meta, mask = make_clip(rng, frames, height, width, return_mask=True)
         stem = f"clip_{i:04d}"
         Image.fromarray(ref).save(out / f"{stem}_ref.png")
-        paths.append(write_mp4(out / f"{stem}.mp4", video, fps=fps))
+        paths.append(write_video(out / f"{stem}.mp4", video, fps=fps, crf=12))
         meta["ref_image"] = f"{stem}_ref.png"
+        if masks:
+            write_video(out / f"{stem}_mask.mp4", mask, fps=fps, crf=12)
+            meta["mask"] = f"{stem}_mask.mp4"
         (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
     return paths
 
@@ -144,16 +165,17 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", action="store_true", help="also write each clip's subject mask video (editing)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         paths = generate(args.out, args.num_clips, args.frames, args.height, args.width, args.seed, args.fps,
-                         args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(paths)} clips to {args.out}")
-    return 0
+                         args.overwrite, args.masks)
+        print(f"wrote {len(paths)} clips to {args.out}")
+
+    return run_cli(run, debug=args.debug)
 
 
 if __name__ == "__main__":

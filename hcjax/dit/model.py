@@ -25,213 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import attention as attn_lib
-from .config import DiTConfig
-from .layers import (
-    Dense, LayerNorm, MLP, MLPEmbedder, Modulation, PatchEmbed, RMSNorm, TimestepEmbedder, constrain,
-    layer_norm, modulate, to_dtype,
+from ..config import DiTConfig
+from ..layers import Dense, MLPEmbedder, PatchEmbed, TimestepEmbedder, constrain, to_dtype
+from ..rope import rope_tables
+from .audio import AudioProjNet2, PerceiverAttentionCA, audio_feature_shape
+from .blocks import (
+    ACT, REMAT_POLICIES, DoubleStreamBlock, FinalLayer, SingleStreamBlock, SingleTokenRefiner, dtype_kwargs, run_stack,
+    scanned,
 )
-from .rope import apply_rope, rope_tables
-
-ACT = ("act_batch", "act_seq", "act_embed")
-ACT_HEADS = ("act_batch", "act_seq", "act_heads", None)
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _kw(cfg: DiTConfig) -> dict:
-    return dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-
-
-def _attend(cfg: DiTConfig, q, k, v, kv_lengths):
-    q, k, v = (constrain(a, ACT_HEADS) for a in (q, k, v))
-    out = attn_lib.dot_product_attention(
-        q, k, v, kv_lengths=kv_lengths, impl=cfg.attention, block_q=cfg.attention_block_q,
-        block_kv=cfg.attention_block_kv,
-    )
-    return constrain(out, ACT_HEADS)
-
-
-# ------------------------------------------------------------------------------------------- refiner
-
-
-class RefinerBlock(nn.Module):
-    """``IndividualTokenRefinerBlock``: gated self-attention + SiLU MLP, no QK norm, no RoPE, dense mask."""
-
-    cfg: DiTConfig
-
-    @nn.compact
-    def __call__(self, h, c, mask):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        dt = kw["dtype"]
-        gates = Modulation(2, name="adaLN_modulation", **kw)(c)                  # (gate_msa, gate_mlp)
-        a = LayerNorm(cfg.norm_eps, name="norm1", param_dtype=kw["param_dtype"])(h).astype(dt)
-        qkv = Dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"),
-                    use_bias=cfg.qkv_bias, name="self_attn_qkv", **kw)(a)
-        o = attn_lib.masked_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
-        o = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_ndim=2, name="self_attn_proj", **kw)(o)
-        h = h + o * gates[:, None, 0].astype(dt)
-        m = LayerNorm(cfg.norm_eps, name="norm2", param_dtype=kw["param_dtype"])(h).astype(dt)
-        m = MLP(cfg.mlp_hidden, act=jax.nn.silu, name="mlp", **kw)(m)
-        return h + m * gates[:, None, 1].astype(dt), None
-
-
-class SingleTokenRefiner(nn.Module):
-    """``txt_in``: projects LLaVA states to D and refines them conditioned on t and the masked mean (spec 5.3)."""
-
-    cfg: DiTConfig
-
-    @nn.compact
-    def __call__(self, x, t, mask):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        m = mask.astype(jnp.float32)
-        pooled = (x.astype(jnp.float32) * m[..., None]).sum(1) / m.sum(1, keepdims=True)
-        c = TimestepEmbedder(cfg.hidden_size, name="t_embedder", **kw)(t)
-        c = c + MLPEmbedder(cfg.hidden_size, ("linear_1", "linear_2"), name="c_embedder", **kw)(pooled)
-        h = Dense(cfg.hidden_size, (None, "embed"), name="input_embedder", **kw)(x)
-        mb = jnp.asarray(mask).astype(bool)
-        attn_mask = mb[:, None, :, None] & mb[:, None, None, :]
-        attn_mask = attn_mask.at[:, :, :, 0].set(True)                          # key 0 always visible
-        return run_stack(self, RefinerBlock, cfg, "individual_token_refiner", cfg.refiner_depth, h,
-                         (c, attn_mask), remat=False)
-
-
-# ------------------------------------------------------------------------------------------- MM-DiT blocks
-
-
-class DoubleStreamBlock(nn.Module):
-    """``MMDoubleStreamBlock``: separate img/txt weights, joint attention over ``[img ; txt]`` (spec 5.5)."""
-
-    cfg: DiTConfig
-
-    def _qkv(self, prefix, x, shift, scale, cos=None, sin=None):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        xm = modulate(layer_norm(x, cfg.norm_eps), shift, scale).astype(kw["dtype"])
-        qkv = Dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"),
-                    use_bias=cfg.qkv_bias, name=f"{prefix}_attn_qkv", **kw)(xm)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = RMSNorm(cfg.norm_eps, name=f"{prefix}_attn_q_norm", param_dtype=kw["param_dtype"])(q)
-        k = RMSNorm(cfg.norm_eps, name=f"{prefix}_attn_k_norm", param_dtype=kw["param_dtype"])(k)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
-
-    def _post(self, prefix, x, attn_out, mod):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        dt = kw["dtype"]
-        o = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_ndim=2, name=f"{prefix}_attn_proj",
-                  **kw)(attn_out)
-        x = x + o * mod[:, None, 2].astype(dt)
-        h = modulate(layer_norm(x, cfg.norm_eps), mod[:, 3], mod[:, 4]).astype(dt)
-        h = MLP(cfg.mlp_hidden, name=f"{prefix}_mlp", **kw)(h)
-        return constrain(x + h * mod[:, None, 5].astype(dt), ACT)
-
-    @nn.compact
-    def __call__(self, carry, vec, cos, sin, kv_lengths):
-        img, txt = carry
-        cfg, kw = self.cfg, _kw(self.cfg)
-        img_mod = Modulation(6, name="img_mod", **kw)(vec)
-        txt_mod = Modulation(6, name="txt_mod", **kw)(vec)
-        iq, ik, iv = self._qkv("img", img, img_mod[:, 0], img_mod[:, 1], cos, sin)
-        tq, tk, tv = self._qkv("txt", txt, txt_mod[:, 0], txt_mod[:, 1])
-        cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
-        o = _attend(cfg, cat(iq, tq), cat(ik, tk), cat(iv, tv), kv_lengths)
-        n_img = img.shape[1]
-        img = self._post("img", img, o[:, :n_img], img_mod)
-        txt = self._post("txt", txt, o[:, n_img:], txt_mod)
-        return (img, txt), None
-
-
-class SingleStreamBlock(nn.Module):
-    """``MMSingleStreamBlock`` (spec 5.6). ``linear1`` is stored as ``linear1_qkv [D,3,N,K]`` + ``linear1_mlp
-    [D,F]`` and ``linear2`` as ``linear2_attn [N,K,D]`` + ``linear2_mlp [F,D]`` (bias): the same maps, split so
-    that tensor parallelism shards heads and MLP columns without gathering a fused axis."""
-
-    cfg: DiTConfig
-
-    @nn.compact
-    def __call__(self, x, vec, cos, sin, kv_lengths):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        dt = kw["dtype"]
-        mod = Modulation(3, name="modulation", **kw)(vec)
-        xm = modulate(layer_norm(x, cfg.norm_eps), mod[:, 0], mod[:, 1]).astype(dt)
-        qkv = Dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"),
-                    use_bias=cfg.qkv_bias, name="linear1_qkv", **kw)(xm)
-        mlp = Dense(cfg.mlp_hidden, ("embed", "mlp"), name="linear1_mlp", **kw)(xm)
-        mlp = constrain(mlp, ("act_batch", "act_seq", "act_mlp"))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = RMSNorm(cfg.norm_eps, name="q_norm", param_dtype=kw["param_dtype"])(q)
-        k = RMSNorm(cfg.norm_eps, name="k_norm", param_dtype=kw["param_dtype"])(k)
-        n_img = cos.shape[0]
-        q = jnp.concatenate([apply_rope(q[:, :n_img], cos, sin), q[:, n_img:]], axis=1)
-        k = jnp.concatenate([apply_rope(k[:, :n_img], cos, sin), k[:, n_img:]], axis=1)
-        o = _attend(cfg, q, k, v, kv_lengths)
-        out = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False,
-                    name="linear2_attn", **kw)(o)
-        out = out + Dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", **kw)(jax.nn.gelu(mlp, True))
-        return constrain(x + out * mod[:, None, 2].astype(dt), ACT), None
-
-
-class FinalLayer(nn.Module):
-    """``adaLN_modulation`` -> (shift, scale) [shift first], non-affine LN, ``linear`` to ``pt*ph*pw*C_out``."""
-
-    cfg: DiTConfig
-
-    @nn.compact
-    def __call__(self, x, vec):
-        cfg, kw = self.cfg, _kw(self.cfg)
-        mod = Modulation(2, name="adaLN_modulation", **kw)(vec)
-        h = modulate(layer_norm(x, cfg.norm_eps), mod[:, 0], mod[:, 1]).astype(kw["dtype"])
-        p = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
-        return Dense(p * cfg.out_channels, ("embed", None), name="linear", **kw)(h)
-
-
-# ------------------------------------------------------------------------------------------- stacks
-
-
-def scanned(block_cls, cfg: DiTConfig, length: int, n_bcast: int, **kw):
-    """``block_cls`` lifted with ``nn.scan``: params stacked on a leading ``layers`` axis."""
-    lifted = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,) * n_bcast, length=length,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    return lifted(cfg, **kw)
-
-
-def run_stack(parent: nn.Module, block_cls, cfg: DiTConfig, name: str, length: int, carry, bcast: tuple,
-              layers: tuple[int, int] | None = None, remat: bool = True):
-    """Run layers ``[lo, hi)`` of the stacked block ``name`` (params ``[length, ...]``) over ``carry``.
-
-    At init the stack is created with ``nn.scan`` (leading ``layers`` axis). At apply time the same stacked
-    params are read from ``parent.variables`` and scanned with ``jax.lax.scan`` over layer indices, which lets
-    callers run any sub-range of layers without copying the stack.
-    """
-    lo, hi = layers if layers is not None else (0, length)
-    if parent.is_initializing():
-        module = getattr(parent, name, None)        # declared in setup(), or created here under @compact
-        if module is None:
-            module = scanned(block_cls, cfg, length, len(bcast), name=name)
-        carry, _ = module(carry, *bcast)
-        return carry
-    if lo >= hi:
-        return carry
-    stacked = parent.variables["params"][name]
-    block = block_cls(cfg, parent=None)
-
-    def body(c, i):
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
-        return block.apply({"params": p}, c, *bcast)[0], None
-
-    policy = REMAT_POLICIES[cfg.remat]
-    if remat and cfg.remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(lo, hi))
-    return carry
+from .storage import slice_layer, take_layer
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -259,7 +61,7 @@ class HunyuanDiT(nn.Module):
     cfg: DiTConfig
 
     def setup(self):
-        cfg, kw = self.cfg, _kw(self.cfg)
+        cfg, kw = self.cfg, dtype_kwargs(self.cfg)
         self.img_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), **kw)
         self.time_in = TimestepEmbedder(cfg.hidden_size, **kw)
         self.vector_in = MLPEmbedder(cfg.hidden_size, ("in_layer", "out_layer"), **kw)
@@ -270,8 +72,6 @@ class HunyuanDiT(nn.Module):
             self.bg_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), **kw)
             self.bg_proj = Dense(cfg.hidden_size, ("embed", "mlp"), **kw)
         if cfg.audio_condition:
-            from .conditioning.audio import AudioProjNet2, PerceiverAttentionCA
-
             self.audio_proj = AudioProjNet2(cfg)
             self.audio_models = [PerceiverAttentionCA(cfg) for _ in cfg.audio_inject_blocks]
         self.double_blocks = scanned(DoubleStreamBlock, cfg, cfg.depth_double_blocks, 4)
@@ -374,8 +174,6 @@ class HunyuanDiT(nn.Module):
                     img = img + self._audio_delta(lambda v, m=module: m(v, tokens, grid), img, n_ref,
                                                   audio_strength)
             return img, txt
-        from .conditioning.audio import PerceiverAttentionCA
-
         tokens = self.audio_proj(audio_features)
         params = self.variables["params"]
         stacked = params["double_blocks"]
@@ -385,14 +183,13 @@ class HunyuanDiT(nn.Module):
         for j, after in enumerate(cfg.audio_inject_blocks):
             slot[after] = j
         block, ca = DoubleStreamBlock(cfg, parent=None), PerceiverAttentionCA(cfg, parent=None)
-        take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)  # noqa: E731
 
         def body(carry, xs):
             i, j = xs
-            img_, txt_ = block.apply({"params": take(stacked, i)}, carry, *bcast)[0]
+            img_, txt_ = block.apply({"params": take_layer(stacked, i, cfg)}, carry, *bcast)[0]
 
             def inject(x):
-                pa = take(adapters, jnp.maximum(j, 0))
+                pa = slice_layer(adapters, jnp.maximum(j, 0))
                 return x + self._audio_delta(lambda v: ca.apply({"params": pa}, v, tokens, grid), x, n_ref,
                                              audio_strength)
 
@@ -476,8 +273,6 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_le
     if cfg.video_condition:
         kwargs["bg_latents"] = mk((batch, t_, h_, w_, cfg.bg_in_channels))
     if cfg.audio_condition:
-        from .conditioning.audio import audio_feature_shape
-
         kwargs["audio_features"] = mk(audio_feature_shape(cfg, batch, t_))
     return args, kwargs
 

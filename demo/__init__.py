@@ -1,0 +1,23 @@
+"""The demo application: a small HunyuanCustom-shaped model trained from nothing on synthetic subject videos.
+
+Not library code (floor 5 of ``hcjax/__init__.py``): it uses the data pipeline, training, precompute, loading and
+sampling. ``python -m demo build --workdir RUN`` recreates the committed bundle ``assets/demo/model``
+(:mod:`.build`); ``python -m demo references`` writes the held-out reference images; ``benchmarks/demo_eval.py``
+measures the model (:mod:`.evaluate`). The subjects, held-out split, captions and evaluation pairs are in
+:mod:`.subjects`.
+"""
+
+from .build import build, crop_start, make_dataset, make_llava_tokenizer, make_text_towers, tokenizer_corpus
+from .evaluate import (centroid, descriptor, distance, evaluate_videos, foreground, generate_eval, load_demo,
+                       silhouette)
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, EVAL_PROMPT, FRAMES, HELD_OUT, PHRASES, REF_RADIUS,
+                       SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, caption, eval_pairs, reference_image,
+                       seen_pairs, subject_name, write_eval_references)
+
+__all__ = [
+    "DEMO_BUNDLE", "DEMO_CONFIG", "DEMO_DIR", "EVAL_PROMPT", "FRAMES", "HELD_OUT", "PHRASES", "REF_RADIUS", "SIZE",
+    "SUBJECTS", "TEMPLATES", "TRAIN_SUBJECTS", "TRAVEL", "build", "caption", "centroid", "crop_start", "descriptor",
+    "distance", "eval_pairs", "evaluate_videos", "foreground", "generate_eval", "load_demo", "make_dataset",
+    "make_llava_tokenizer", "make_text_towers", "reference_image", "seen_pairs", "silhouette", "subject_name",
+    "tokenizer_corpus", "write_eval_references",
+]

@@ -1,0 +1,42 @@
+"""``python -m demo build --workdir RUN`` (the demo model, :mod:`demo.build`) and ``python -m demo references``
+(the held-out reference images). Bad input: one line and exit code 2 (``--debug``: the traceback); Ctrl-C: 130."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hcjax.cli import run_cli
+
+from .build import build
+from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, write_eval_references
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m demo", description="Build the hcjax demo model (see demo/build.py).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="data -> text towers -> VAE -> latents -> DiT -> bundle")
+    b.add_argument("--workdir", required=True, help="run directory (stages already done there are skipped)")
+    b.add_argument("--out", default=str(DEMO_BUNDLE), help="bundle output dir (default: assets/demo/model)")
+    b.add_argument("--config", default=str(DEMO_CONFIG))
+    b.add_argument("--num-clips", type=int, default=1200)
+    b.add_argument("--set", action="append", default=[], metavar="A.B=V")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
+    r.add_argument("--out", default=str(DEMO_DIR))
+    args = p.parse_args(argv)
+
+    def run():
+        if args.cmd == "build":
+            build(args.workdir, args.out, config=args.config, num_clips=args.num_clips, overrides=args.set,
+                  overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
+        else:
+            print("\n".join(str(x) for x in write_eval_references(Path(args.out))))
+
+    return run_cli(run, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Building the demo model: ``python -m demo build --workdir RUN`` recreates ``assets/demo/model`` from nothing.
+
+Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues):
+
+1. ``data``   synthetic subject clips (:mod:`hcjax.data.synthetic`) of the training subjects only; the
+              :data:`~demo.subjects.HELD_OUT` subjects never appear in training (they are the evaluation set);
+2. ``text``   the text towers: a LLaVA BPE tokenizer trained on the prompt template and the synthetic captions,
+              the bundled char-level CLIP tokenizer, and seeded random (frozen) LLaVA / CLIP text weights;
+3. ``vae``    the 3D causal VAE trained from scratch (``train.py --stage vae``), then ``vae_finetune``: a second
+              run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer);
+4. ``latents`` :func:`hcjax.data.encode.precompute` with that VAE and those text towers;
+5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents;
+6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from hcjax import training, vae_training
+from hcjax.checkpoint import export_training_params, load_checkpoint_config, random_params, save_params
+from hcjax.conditioning import clip, llava
+from hcjax.conditioning.llava import PROMPT_TEMPLATE
+from hcjax.config import Config, load_config
+from hcjax.data import encode, synthetic
+from hcjax.media import write_video
+from hcjax.models import TINY_TOKENIZERS
+from hcjax.models.text import load_text_encoders
+
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL,
+                       caption)
+
+
+def make_dataset(out: Path, num_clips: int, seed: int = 0) -> Path:
+    """Training clips of :data:`TRAIN_SUBJECTS` only, with varied captions (layout of :mod:`hcjax.data.synthetic`)."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i in range(num_clips):
+        rng = np.random.default_rng([seed, i])
+        subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
+        video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL)
+        meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
+        stem = f"clip_{i:04d}"
+        Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
+        write_video(tmp / f"{stem}.mp4", video, fps=8, crf=12)
+        meta["ref_image"] = f"{stem}_ref.png"
+        (tmp / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def tokenizer_corpus() -> list[str]:
+    """The captions (many times, so that their words become single tokens) + the template head and tail once."""
+    caps = [t.format(p=p) + f"\nThe {n} looks like"
+            for _ in SUBJECTS for t in TEMPLATES for d in PHRASES for p in PHRASES[d] for n in ("object", "person")]
+    return caps + [PROMPT_TEMPLATE.format("") + "\nThe person looks like"]
+
+
+def make_llava_tokenizer(out: Path, base_vocab: int = 500, corpus=None) -> Path:
+    """Llama-3-style byte-level BPE (BOS via the post-processor) trained on ``corpus`` (default: the template and
+    the demo captions), ``<image>`` = ``base_vocab`` and ``<pad>`` = ``base_vocab + 1``; saved as a transformers
+    fast tokenizer. The tests' tiny tokenizers are built with it too."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=base_vocab, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer)
+    if tok.get_vocab_size() < base_vocab:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(base_vocab - tok.get_vocab_size())])
+    tok.add_special_tokens(["<image>", "<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<pad>")
+    fast.save_pretrained(str(out))
+    return out
+
+
+def crop_start(tokenizer) -> int:
+    """Tokens before the user text: BOS + system part + user header of the template."""
+    head = PROMPT_TEMPLATE.split("{}")[0]
+    marker = "Zq"     # any text: the head must tokenise identically with and without it
+    ids = tokenizer(head + marker)["input_ids"]
+    n = len(tokenizer(head)["input_ids"])
+    if ids[:n] != tokenizer(head)["input_ids"]:
+        raise ValueError("the demo tokenizer merges the template head with the user text")
+    return n
+
+
+def make_text_towers(cfg: Config, out: Path, seed: int = 7) -> tuple[Path, Path]:
+    """``out/llava`` and ``out/clip``: tokenizers + seeded random weights as hcjax checkpoints."""
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_llava_tokenizer(tmp / "llava.tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp / "llava.tok"), local_files_only=True)
+    n = crop_start(tok)
+    if n != cfg.llava.crop_start:
+        raise ValueError(f"the demo tokenizer has crop_start {n} but the config says llava.crop_start="
+                         f"{cfg.llava.crop_start}; set it to {n} in configs/demo.yaml")
+    save_params(tmp / "llava", random_params(llava.abstract_params(cfg), seed, std=None), cfg)
+    save_params(tmp / "clip", random_params(clip.abstract_text_params(cfg.clip_text), seed + 1, std=None), cfg)
+    for f in (tmp / "llava.tok").iterdir():
+        shutil.copy2(f, tmp / "llava" / f.name)
+    for f in (TINY_TOKENIZERS / "clip").iterdir():
+        shutil.copy2(f, tmp / "clip" / f.name)
+    shutil.rmtree(tmp / "llava.tok")
+    tmp.replace(out)
+    return out / "llava", out / "clip"
+
+
+def _stage(name: str, done: Path, fn, print_fn) -> None:
+    if done.exists():
+        print_fn(f"[{name}] exists: {done}")
+        return
+    t0 = time.perf_counter()
+    print_fn(f"[{name}] ...")
+    fn()
+    print_fn(f"[{name}] done in {time.perf_counter() - t0:.0f}s")
+
+
+def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
+          num_clips: int = 1200, overrides=(), overwrite: bool = False, print_fn=print) -> Path:
+    """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``."""
+    workdir, out = Path(workdir).absolute(), Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    cfg = load_config(config, overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))
+    _stage("data", data, lambda: make_dataset(data, num_clips), print_fn)
+    _stage("text", text, lambda: make_text_towers(cfg, text), print_fn)
+    vcfg = dataclasses.replace(cfg, vae_train=dataclasses.replace(cfg.vae_train, data=str(data)))
+    _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
+                                                                     progress=False), print_fn)
+    vc = cfg.vae_train
+    if vc.finetune_steps:      # a second run from the first one's weights (warm restart of the schedule)
+        first, vae_run = vae_run, workdir / "vae_finetune"
+        fcfg = dataclasses.replace(vcfg, vae_train=dataclasses.replace(
+            vcfg.vae_train, init_from=str(first / "params"), steps=vc.finetune_steps,
+            learning_rate=vc.finetune_learning_rate, seed=vc.seed + 1))
+        _stage("vae_finetune", vae_run / "params", lambda: vae_training.train_vae(
+            fcfg, vae_run, print_fn=print_fn, progress=False), print_fn)
+    scale = load_checkpoint_config(vae_run / "params").vae.scaling_factor
+    dc = dataclasses.replace(cfg.train.data, vae_weights=str(vae_run / "params"), llava_dir=str(text / "llava"),
+                             clip_dir=str(text / "clip"), path=str(cache))
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale),
+                              train=dataclasses.replace(cfg.train, data=dc)).validate()
+    _stage("latents", cache, lambda: encode.precompute(
+        cfg, data, cache, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
+    _stage("dit", dit_run / "done", lambda: (training.train(cfg, dit_run, resume=True, print_fn=print_fn,
+                                                             progress=False), (dit_run / "done").touch()), print_fn)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    export_training_params(dit_run / "checkpoints", tmp / "dit")
+    shutil.copytree(vae_run / "params", tmp / "vae")
+    shutil.copytree(text / "llava", tmp / "llava")
+    shutil.copytree(text / "clip", tmp / "clip")
+    # the bundle's configs are the training config (with the measured VAE scaling), not the text tower defaults
+    for c in ("dit", "vae", "llava", "clip"):
+        (tmp / c / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    print_fn(f"demo bundle written to {out} in {time.perf_counter() - t0:.0f}s total "
+             f"({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    return out

@@ -1,0 +1,88 @@
+"""The demo's world: the synthetic subjects, which of them are held out, the captions and the evaluation pairs.
+
+A subject is ``(colour, texture, shape)`` of :mod:`hcjax.data.synthetic` (7 x 4 x 4 = 112); :data:`HELD_OUT` (24,
+seeded) never appear in training and form the evaluation set. Clips are :data:`FRAMES` frames of
+:data:`SIZE` x :data:`SIZE`; a subject crosses :data:`TRAVEL` of the frame. Captions never name the subject (the
+text carries the motion only; the DiT must take the subject's look from the reference image). Images are
+``uint8 [H, W, 3]`` RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hcjax.data import synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_DIR = ROOT / "assets" / "demo"
+DEMO_BUNDLE = DEMO_DIR / "model"
+
+SUBJECTS = [(c, t, s) for c in synthetic.COLORS for t in synthetic.TEXTURES for s in synthetic.SHAPES]
+HELD_OUT = [SUBJECTS[i] for i in sorted(np.random.default_rng(2026).choice(len(SUBJECTS), 24, replace=False))]
+TRAIN_SUBJECTS = [s for s in SUBJECTS if s not in HELD_OUT]
+PHRASES = {"left": ("left", "to the left"), "right": ("right", "to the right"),
+           "up": ("up", "upward"), "down": ("down", "downward")}
+# no template names the subject: the text carries the motion only, the DiT must take the subject's look from the
+# reference image (as at evaluation, where the prompt is EVAL_PROMPT and the subject was never seen)
+TEMPLATES = ("the object moves {p}", "an object moves {p} across a gray background", "the object is moving {p}",
+             "an object, moving {p}")
+EVAL_PROMPT = "the object moves {p}"
+FRAMES, SIZE, REF_RADIUS = 9, 64, 14.0
+TRAVEL = 0.5       # the subject crosses half the frame in a clip (less motion per 4-frame latent for the VAE)
+
+
+def subject_name(subject) -> str:
+    return " ".join(subject)
+
+
+def caption(rng: np.random.Generator, direction: str) -> tuple[str, str]:
+    """A random caption (one of :data:`TEMPLATES`) and the item name for a subject moving in ``direction``."""
+    p = PHRASES[direction][rng.integers(2)]
+    return TEMPLATES[rng.integers(len(TEMPLATES))].format(p=p), "object"
+
+
+def reference_image(subject, size: int = SIZE) -> np.ndarray:
+    """The subject centred on white, as the dataset's reference images."""
+    color, texture, shape = subject
+    white = np.full((size, size, 3), 255, np.float32)
+    return synthetic.render(shape, texture, synthetic.COLORS[color], size / 2, size / 2, REF_RADIUS * size / 64,
+                            size, size, white)
+
+
+def _pair(i: int, subject, ref_image: Path) -> dict:
+    """Evaluation pair ``i``: the subject, a direction (cycling over the four) and the eval prompt."""
+    d = list(synthetic.DIRECTIONS)[i % 4]
+    return {"index": i, "subject": subject, "direction": d, "prompt": EVAL_PROMPT.format(p=PHRASES[d][1]),
+            "ref_image": ref_image}
+
+
+def eval_pairs() -> list[dict]:
+    """The held-out evaluation set: each held-out subject with one direction (cycling) and the eval prompt."""
+    return [_pair(i, s, DEMO_DIR / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
+
+
+def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
+    """``n`` training subjects in the layout of :func:`eval_pairs` (eval prompt, cycling directions), references
+    written to ``ref_dir``. The model saw these subjects (never these videos): scoring them separates what the DiT
+    fits from what it generalises to the held-out subjects."""
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    picks = sorted(np.random.default_rng(seed).choice(len(TRAIN_SUBJECTS), n, replace=False))
+    pairs = [_pair(i, TRAIN_SUBJECTS[k], ref_dir / f"seen_{i:02d}.png") for i, k in enumerate(picks)]
+    for p in pairs:
+        Image.fromarray(reference_image(p["subject"])).save(p["ref_image"])
+    return pairs
+
+
+def write_eval_references(out: Path = DEMO_DIR) -> list[Path]:
+    """The held-out subjects' reference images ``subject_NN.png`` in ``out`` (committed in ``assets/demo``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p in eval_pairs():
+        path = out / p["ref_image"].name
+        Image.fromarray(reference_image(p["subject"])).save(path)
+        paths.append(path)
+    return paths

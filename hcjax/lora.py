@@ -1,0 +1,380 @@
+"""LoRA adapters for the DiT: a params-like tree, applied merged (``merge``) or unmerged (``apply`` / ``lora_scope``).
+
+Adapter tree layout: it mirrors the DiT params tree down to a ``Dense`` module, which holds two leaves instead of
+``kernel``/``bias``::
+
+    adapters["double_blocks"]["img_attn_qkv"] = {"lora_a": [L, D, r], "lora_b": [L, r, 3, N, K]}
+    adapters["final_layer"]["linear"]         = {"lora_a": [D, r],    "lora_b": [r, P]}
+
+For a kernel of shape ``[*lead, *in, *out]`` (``lead`` = the stacked ``layers`` axis of a block stack, or
+nothing) the adapter holds ``lora_a [*lead, *in, r]`` and ``lora_b [*lead, r, *out]``, and its delta is
+``delta[l] = lora_a[l] @ lora_b[l]`` contracted over ``r`` (letters: ``L`` layers, ``D`` width, ``N`` heads,
+``K`` head dim, ``F`` MLP width, ``r`` rank). Any trainer's ``alpha / r`` scaling is folded into ``lora_b`` by the
+importer (``convert_weights.lora``); the ``scale`` arguments here are the user's strength (``--lora-scale``).
+Several adapters combine by concatenation along ``r`` with ``lora_b`` multiplied by each one's scale
+(``combine``), which is exactly the sum of their scaled deltas.
+
+Application (both give the same function; the tests check it against peft to 1e-5):
+
+* ``merge(params, adapters, scale)`` -> new params with ``W' = cast_{W.dtype}(f32(W) + sum_i s_i * f32(a_i @ b_i))``:
+  the delta and the sum are computed in fp32 (``Precision.HIGHEST``) and rounded once to the params' dtype, one
+  kernel at a time on the kernel's device(s). The input tree is never modified (leaves without an adapter are
+  shared, adapted ones are new arrays).
+* unmerged: ``apply(model, params, adapters, scale, *args)`` runs ``model.apply`` on ``inject(params, adapters)``
+  (the adapter leaves placed beside their kernels, so block stacks are sliced per layer together with their
+  kernels) inside ``lora_scope()``, a Flax method interceptor that adds ``(x @ a) @ b`` (in the Dense's compute
+  dtype) to every ``Dense`` whose scope holds ``lora_a``/``lora_b``. The base params stay untouched and no merged
+  kernel is ever formed, so the base can be frozen, fp8 or shared between adapters. Needs no change in the DiT.
+
+Files (``save_adapter``/``load_adapter``): safetensors of the flat tree (``"double_blocks/img_attn_qkv/lora_a"``)
+with JSON metadata under the header key ``hcjax_lora`` (source format, ranks, per-module scales, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .layers import Dense
+
+LORA_A, LORA_B = "lora_a", "lora_b"
+METADATA_KEY = "hcjax_lora"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- tree helpers
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree
+
+
+def modules(adapters: Mapping) -> dict[str, tuple[Any, Any]]:
+    """Module path (``"double_blocks/img_attn_qkv"``) -> ``(lora_a, lora_b)``; a half adapter is an error."""
+    flat = _flatten(adapters)
+    out: dict[str, tuple[Any, Any]] = {}
+    problems = []
+    for path in flat:
+        module, _, leaf = path.rpartition("/")
+        if leaf not in (LORA_A, LORA_B):
+            problems.append(f"{path}: adapter leaves must be named {LORA_A!r} or {LORA_B!r}")
+            continue
+        other = f"{module}/{LORA_B if leaf == LORA_A else LORA_A}"
+        if other not in flat:
+            problems.append(f"{path} has no matching {other}")
+            continue
+        out[module] = (flat[f"{module}/{LORA_A}"], flat[f"{module}/{LORA_B}"])
+    if problems:
+        raise ValueError("malformed adapter tree: " + "; ".join(sorted(set(problems))))
+    return out
+
+
+def lead_ndim(kernel_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
+    """Number of leading (stacked-layer) axes; ``ValueError`` if ``a``/``b`` do not factor the kernel."""
+    lead = len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
+    ok = lead >= 0 and len(a_shape) > lead + 1 and len(b_shape) > lead + 1
+    if ok:
+        ok = (tuple(a_shape[:lead]) == tuple(b_shape[:lead]) and a_shape[-1] == b_shape[lead]
+              and tuple(kernel_shape) == tuple(a_shape[:-1]) + tuple(b_shape[lead + 1:]))
+    if not ok:
+        raise ValueError(f"lora_a {tuple(a_shape)} and lora_b {tuple(b_shape)} do not factor a kernel of shape "
+                         f"{tuple(kernel_shape)} (expected lora_a [*lead, *in, r], lora_b [*lead, r, *out])")
+    return lead
+
+
+def validate(params: Mapping, adapters: Mapping, what: str = "adapter") -> dict[str, tuple[Any, Any]]:
+    """Check every adapted module exists in ``params`` with a kernel the adapter factors; returns ``modules``."""
+    mods = modules(adapters)
+    problems = []
+    for path, (a, b) in mods.items():
+        node: Any = params
+        for part in path.split("/"):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if not isinstance(node, Mapping) or "kernel" not in node:
+            problems.append(f"{path}: no such Dense (no {path}/kernel in the params)")
+            continue
+        try:
+            lead_ndim(node["kernel"].shape, a.shape, b.shape)
+        except ValueError as e:
+            problems.append(f"{path}: {e}")
+    if problems:
+        raise ValueError(f"{what} does not fit the params: " + "; ".join(problems))
+    return mods
+
+
+def _as_list(adapters, scale) -> tuple[list[Mapping], list[float]]:
+    if isinstance(adapters, Mapping):
+        adapters = [adapters]
+    adapters = list(adapters)
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(adapters)
+    if len(scales) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(scales)} scales; give one scale per adapter")
+    return adapters, scales
+
+
+def _kernel_shape(params: Mapping, path: str) -> tuple[int, ...]:
+    node: Any = params
+    for part in path.split("/"):
+        node = node[part]
+    return tuple(node["kernel"].shape)
+
+
+def combine(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0) -> dict:
+    """One adapter tree equal to ``sum_i scale_i * adapters_i`` for ``params``: ranks concatenated, each ``lora_b``
+    multiplied by its scale (in fp32, or the adapter's dtype if wider). Works on numpy and traced arrays."""
+    adapters, scales = _as_list(adapters, scale)
+    parts: dict[str, list] = {}
+    for i, tree in enumerate(adapters):
+        for path, (a, b) in validate(params, tree, what=f"adapter {i}").items():
+            parts.setdefault(path, []).append((a, b, scales[i]))
+    out = {}
+    for path, items in parts.items():
+        a0, b0, _ = items[0]
+        lead = lead_ndim(_kernel_shape(params, path), a0.shape, b0.shape)
+        dt = jnp.promote_types(b0.dtype, jnp.float32)
+        a = jnp.concatenate([jnp.asarray(a) for a, _, _ in items], axis=-1) if len(items) > 1 else jnp.asarray(a0)
+        bs = [jnp.asarray(b).astype(dt) * jnp.asarray(s, dt) for _, b, s in items]
+        out[f"{path}/{LORA_A}"] = a
+        out[f"{path}/{LORA_B}"] = jnp.concatenate(bs, axis=lead) if len(bs) > 1 else bs[0]
+    return _unflatten(out)
+
+
+# ------------------------------------------------------------------------------------------- merged
+
+
+def delta(kernel_shape: Sequence[int], a, b):
+    """``a @ b`` over the rank axis, reshaped to ``kernel_shape`` (fp32, ``Precision.HIGHEST``)."""
+    lead = lead_ndim(kernel_shape, a.shape, b.shape)
+    ls = tuple(a.shape[:lead])
+    r = a.shape[-1]
+    a2 = jnp.asarray(a, jnp.float32).reshape(*ls, -1, r)
+    b2 = jnp.asarray(b, jnp.float32).reshape(*ls, r, -1)
+    d = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+    return d.reshape(tuple(kernel_shape))
+
+
+@jax.jit
+def _merge_kernel(w, ab_pairs, scales):
+    acc = w.astype(jnp.float32)
+    for (a, b), s in zip(ab_pairs, scales):
+        acc = acc + s * delta(w.shape, a, b)
+    return acc.astype(w.dtype)
+
+
+def merge(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0) -> dict:
+    """New params with every adapted kernel ``W + sum_i scale_i * a_i @ b_i`` (numerics: module docstring).
+
+    ``adapters``: one tree or a list; ``scale``: one number or one per adapter. ``params`` is not modified.
+    """
+    adapters, scales = _as_list(adapters, scale)
+    per_kernel: dict[str, list] = {}
+    for i, tree in enumerate(adapters):
+        for path, ab in validate(params, tree, what=f"adapter {i}").items():
+            per_kernel.setdefault(f"{path}/kernel", []).append((ab, scales[i]))
+    flat = _flatten(params)
+    for kpath, items in per_kernel.items():
+        pairs = tuple(ab for ab, _ in items)
+        ss = tuple(jnp.float32(s) for _, s in items)
+        flat[kpath] = _merge_kernel(flat[kpath], pairs, ss)
+    return _unflatten(flat)
+
+
+# ------------------------------------------------------------------------------------------- unmerged
+
+
+def inject(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0) -> dict:
+    """``params`` (shared, not copied) with the combined adapter leaves beside each adapted kernel."""
+    combined = combine(params, adapters, scale)
+    flat = _flatten(params)
+    for path, (a, b) in modules(combined).items():
+        flat[f"{path}/{LORA_A}"], flat[f"{path}/{LORA_B}"] = a, b
+    return _unflatten(flat)
+
+
+def strip(params: Mapping) -> tuple[dict, dict]:
+    """Split an injected tree back into ``(base params, adapters)``."""
+    base, ad = {}, {}
+    for path, v in _flatten(params).items():
+        (ad if path.rpartition("/")[2] in (LORA_A, LORA_B) else base)[path] = v
+    return _unflatten(base), _unflatten(ad)
+
+
+def _interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, Dense) or not module.has_variable(
+            "params", LORA_A):
+        return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0]
+    a, b = module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
+    if b is None:
+        raise ValueError(f"Dense {module.name}: {LORA_A} without {LORA_B}")
+    dt = y.dtype
+    n_in = module.in_ndim
+    xa = jax.lax.dot_general(x.astype(dt), a.astype(dt), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                                          ((), ())))
+    return y + jax.lax.dot_general(xa, b.astype(dt), (((xa.ndim - 1,), (0,)), ((), ())))
+
+
+@contextlib.contextmanager
+def lora_scope():
+    """Inside, every ``Dense`` whose params hold ``lora_a``/``lora_b`` adds ``(x @ lora_a) @ lora_b``.
+
+    Must be active while the model is *traced* (wrap the ``model.apply`` call inside the jitted function).
+    """
+    with nn.intercept_methods(_interceptor):
+        yield
+
+
+def apply(model: nn.Module, params: Mapping, adapters: Mapping | Sequence[Mapping],
+          scale: float | Sequence[float] = 1.0, *args, **kwargs):
+    """``model.apply`` with the adapters unmerged (see module docstring); jit-traceable."""
+    with lora_scope():
+        return model.apply({"params": inject(params, adapters, scale)}, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- new adapters
+
+# Adapted kernels whose input spans two dims ([N, K] heads x head_dim); every other kernel has one input dim.
+TWO_DIM_INPUT = ("attn_proj", "linear2_attn", "self_attn_proj", "to_out")
+
+DEFAULT_TARGETS = (r"(double_blocks/(img|txt)_(attn_qkv|attn_proj|mlp/fc1|mlp/fc2)"
+                   r"|single_blocks/(linear1_qkv|linear1_mlp|linear2_attn|linear2_mlp))")
+
+
+def in_ndim(module_path: str) -> int:
+    return 2 if module_path.rpartition("/")[2].endswith(TWO_DIM_INPUT) else 1
+
+
+def target_modules(params: Mapping, pattern: str = DEFAULT_TARGETS) -> list[str]:
+    """Module paths whose ``kernel`` path matches ``pattern`` (``re.fullmatch`` on the module path)."""
+    mods = [p[: -len("/kernel")] for p in _flatten(params) if p.endswith("/kernel")]
+    out = [m for m in mods if re.fullmatch(pattern, m)]
+    if not out:
+        raise ValueError(f"LoRA target pattern {pattern!r} matches no DiT kernel (e.g. {mods[:4]})")
+    return out
+
+
+def _lead(path: str) -> int:
+    return 1 if path.split("/")[0] in ("double_blocks", "single_blocks") or "individual_token_refiner" in path else 0
+
+
+def init_adapters(params: Mapping, rank: int, pattern: str = DEFAULT_TARGETS, *, key, init: str = "gaussian",
+                  dtype=jnp.float32) -> dict:
+    """New adapters for the matching kernels of ``params`` (arrays or ``ShapeDtypeStruct``s, boxed or not):
+    ``lora_b = 0`` (the model starts unchanged) and ``lora_a ~ N(0, 1/rank)`` (``gaussian``, peft's
+    ``init_lora_weights="gaussian"``) or ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``kaiming``, peft's default)."""
+    if init not in ("gaussian", "kaiming"):
+        raise ValueError(f"LoRA init {init!r}; expected 'gaussian' or 'kaiming'")
+    flat = _flatten(nn.unbox(params))
+    out = {}
+    for i, m in enumerate(target_modules(params, pattern)):
+        kshape = tuple(flat[f"{m}/kernel"].shape)
+        lead, n_in = _lead(m), in_ndim(m)
+        a_shape = (*kshape[: lead + n_in], rank)
+        k = jax.random.fold_in(key, i)
+        if init == "gaussian":
+            a = jax.random.normal(k, a_shape, dtype) / rank
+        else:
+            bound = 1.0 / np.sqrt(int(np.prod(kshape[lead: lead + n_in])))
+            a = jax.random.uniform(k, a_shape, dtype, -bound, bound)
+        out[f"{m}/{LORA_A}"] = a
+        out[f"{m}/{LORA_B}"] = jnp.zeros((*kshape[:lead], rank, *kshape[lead + n_in:]), dtype)
+    return _unflatten(out)
+
+
+def count_formula(params: Mapping, rank: int, pattern: str = DEFAULT_TARGETS) -> int:
+    """Trainable parameters of :func:`init_adapters`: ``sum L * r * (prod(in) + prod(out))`` over the targets."""
+    flat = _flatten(nn.unbox(params))
+    total = 0
+    for m in target_modules(params, pattern):
+        kshape = tuple(flat[f"{m}/kernel"].shape)
+        lead, n_in = _lead(m), in_ndim(m)
+        layers = int(np.prod(kshape[:lead]))
+        total += layers * rank * (int(np.prod(kshape[lead: lead + n_in])) + int(np.prod(kshape[lead + n_in:])))
+    return total
+
+
+def boxed(abstract_boxed: Mapping, adapters: Mapping) -> dict:
+    """``adapters`` boxed with the logical axes of their kernels (``nn.Partitioned``; rank axis unsharded), for
+    ``hcjax.sharding.shard_params(adapters, mesh, like=boxed(...))``: the adapters follow their Dense's sharding."""
+    flat = _flatten(abstract_boxed)
+    out = {}
+    for path, (a, b) in modules(adapters).items():
+        kernel = flat.get(f"{path}/kernel")
+        if kernel is None:
+            raise ValueError(f"adapter {path}: no such Dense (no {path}/kernel in the params)")
+        names = tuple(kernel.names) if isinstance(kernel, nn.Partitioned) else (None,) * (a.ndim + b.ndim - 2)
+        lead = lead_ndim(nn.unbox(kernel).shape, a.shape, b.shape)
+        n_in = a.ndim - 1 - lead
+        out[f"{path}/{LORA_A}"] = nn.Partitioned(a, names[: lead + n_in] + (None,))
+        out[f"{path}/{LORA_B}"] = nn.Partitioned(b, names[:lead] + (None,) + names[lead + n_in:])
+    return _unflatten(out)
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def count(adapters: Mapping) -> int:
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters)))
+
+
+def save_adapter(path: str | Path, adapters: Mapping, metadata: Mapping | None = None) -> Path:
+    """Write ``adapters`` (numpy-convertible leaves) as safetensors with JSON ``metadata``; returns the file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / ADAPTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modules(adapters)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flatten(adapters).items()}
+    meta = dict(metadata or {})
+    meta["modules"] = sorted(modules(adapters))
+    save_file(flat, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def load_adapter(path: str | Path) -> tuple[dict, dict]:
+    """Read an hcjax adapter file (or a directory holding ``adapter.safetensors``) -> ``(adapters, metadata)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA adapter file not found: {path}")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        if METADATA_KEY not in meta:
+            raise ValueError(f"{path}: not an hcjax adapter file (no {METADATA_KEY!r} metadata); convert a PyTorch "
+                             f"LoRA first: python -m convert_weights lora --src {path} --out DIR")
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    tree = _unflatten(flat)
+    modules(tree)
+    return tree, json.loads(meta[METADATA_KEY])

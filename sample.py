@@ -74,6 +74,14 @@ def parse(argv=None):
     a("--config", default=None, help="YAML preset with RANDOM weights instead of the demo model (no --ckpt-dir)")
     a("--set", action="append", default=[], metavar="A.B=V", help="config override")
     a("--ckpt-dir", default=None, help="hcjax bundle or original models/ directory")
+    a("--use-fp8", action="store_true", help="DiT block linears stored as fp8 (e4m3) + scale, de-quantised per block "
+      "inside the scan (= --set dit.use_fp8=true)")
+    a("--cpu-offload", action="store_true", help="DiT block weights in host memory, brought to the device one block "
+      "at a time (= --set dit.cpu_offload=true)")
+    a("--cfg-batch", type=int, default=None, help="guidance branches per DiT pass (1 = one at a time, less memory; "
+      "= --set dit.cfg_batch=N)")
+    a("--ffn-chunk", type=int, default=None, help="tokens per chunk in the blocks' MLP/modulation (0 = off; "
+      "= --set dit.ffn_chunk=N)")
     a("--no-compile-cache", action="store_true", help="do not use the persistent XLA compilation cache "
       "($HCJAX_CACHE_DIR, default ~/.cache/hcjax/xla)")
     a("--debug", action="store_true", help="show tracebacks")
@@ -88,6 +96,13 @@ def request_from_args(args, sample_cfg) -> Request:
         use_deepcache=None if args.use_deepcache is None else bool(args.use_deepcache), seed=args.seed,
         input_audio=args.input_audio, audio_strength=args.audio_strength, input_video=args.input_video,
         mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps)
+
+
+def memory_overrides(args) -> list[str]:
+    """The low-memory flags as config overrides (they are DiT config fields)."""
+    sets = [f"dit.{k}=true" for k in ("use_fp8", "cpu_offload") if getattr(args, k)]
+    sets += [f"dit.{k}={getattr(args, k)}" for k in ("cfg_batch", "ffn_chunk") if getattr(args, k) is not None]
+    return sets
 
 
 def output_dir(path: str) -> Path:
@@ -136,7 +151,7 @@ def run(args) -> Path:
         if taken:
             raise FileExistsError(f"--output-name {args.output_name}: {', '.join(taken)} already exists in {out_dir}; "
                                   "choose another name")
-    src = M.resolve(args.ckpt_dir, args.config, args.set)
+    src = M.resolve(args.ckpt_dir, args.config, args.set + memory_overrides(args))
     req = request_from_args(args, src.cfg.sample)
     if req.cfg_scale < 1.0 and req.neg_prompt:
         print("warning: --cfg-scale < 1 disables guidance; --neg-prompt is ignored", file=sys.stderr)

@@ -33,12 +33,26 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# importing jax does not start a backend: each case's subprocess sets XLA_FLAGS (fake device count) before it does
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from hcjax import dit, pipeline  # noqa: E402
+from hcjax import sharding as S  # noqa: E402
+from hcjax.config import MeshConfig, preset  # noqa: E402
+from hcjax.dit import audio_feature_shape  # noqa: E402
+from hcjax.dit.storage import STACKS, abstract_runtime_params  # noqa: E402
 CASES = {"infer": 8, "train": 64, "infer1": 1}
 VARIANTS = ("bf16", "fp8", "fp8+offload")
 DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp, sequence, tensor)
@@ -47,14 +61,7 @@ GB = 1e9
 
 def _child(case: str, attention: str, block: int, remat: str, text_len: int, mesh_shape, sp_mode: str,
            preset_name: str) -> None:
-    sys.path.insert(0, str(ROOT))
-    import jax
-    import jax.numpy as jnp
-    import optax
 
-    from hcjax import dit
-    from hcjax import sharding as S
-    from hcjax.config import MeshConfig, preset
 
     base = preset(preset_name).dit
     if case == "infer":
@@ -90,8 +97,6 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
 
     cond = {}
     if cfg.audio_condition:
-        from hcjax.dit import audio_feature_shape
-
         cond["audio_features"] = sds(audio_feature_shape(cfg, batch, lt), act)
     if cfg.video_condition:
         cond["bg_latents"] = sds((batch, lt, lh, lw, cfg.bg_in_channels), act)
@@ -163,13 +168,7 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
 
 def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: int, block: int, cfg_batch: int,
                   ffn_chunk: int, preset_name: str) -> None:
-    sys.path.insert(0, str(ROOT))
-    import jax
-    import jax.numpy as jnp
 
-    from hcjax import dit, pipeline
-    from hcjax.config import preset
-    from hcjax.dit.storage import STACKS, abstract_runtime_params
 
     cfg = dataclasses.replace(preset(preset_name).dit, dtype="bfloat16", param_dtype="bfloat16", attention="chunked",
                               attention_block_q=block, attention_block_kv=block, cfg_batch=cfg_batch,
@@ -208,7 +207,6 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
 
 
 def _large_gathers(hlo: str, threshold: int) -> list[str]:
-    import re
 
     out = []
     for m in re.finditer(r"= (\w+)\[([0-9,]+)\][^ ]* all-gather(?:-start)?\(", hlo):
@@ -225,8 +223,6 @@ def _ways(a) -> int:
 
 def _sharded_opt_state(abstract_opt, params):
     """Give optimizer-state leaves the sharding of the parameter they mirror (matched by path suffix)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     by_path = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(params)}
     mesh = jax.tree.leaves(params)[0].sharding.mesh

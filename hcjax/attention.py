@@ -20,6 +20,11 @@ more than one device it always runs inside ``jax.shard_map`` (attention is indep
   kernel runs on whole sequences, and a second all-to-all restores the layout (needs ``(N/tp) % sp == 0``).
 * ``ring``: queries stay put; K/V blocks rotate around the ``sequence`` axis with ``ppermute`` and are folded
   into an online softmax (any degree; kernels ``xla`` = one dense block per step, ``chunked`` = blockwise).
+* hybrid (USP, ``ulysses_degree=U`` with ``1 < U < sp``): the ``sequence`` axis of size ``sp = U * R`` is read as
+  ``R`` groups of ``U`` consecutive devices. Ulysses all-to-all inside each group (``axis_index_groups``) turns
+  ``[B, L/sp, n]`` into ``[B, L/R, n/U]``, then ring attention across the ``R`` groups (``ppermute`` by ``U``
+  positions: each device meets the devices holding the same heads in the other groups), then the all-to-all back.
+  ``U = sp`` is pure Ulysses, ``U = 1`` pure ring. Needs ``(N/tp) % U == 0`` and a ring kernel.
 
 Token (and batch) counts that the mesh does not divide are padded; padded keys lie beyond every
 ``kv_lengths[b]`` and are masked, padded queries are dropped. The mode is an explicit argument
@@ -45,7 +50,7 @@ IMPLS = ("xla", "cudnn", "chunked", "splash")
 ATTN_LOGICAL = ("act_batch", "act_seq", "act_heads")
 _NEG = -1e30  # finite "minus infinity": a fully masked row can never produce NaN
 __all__ = ["ATTN_LOGICAL", "IMPLS", "RING_KERNELS", "SEQUENCE_PARALLEL", "attention_partition",
-           "chunked_attention", "dot_product_attention", "masked_attention", "splash_attention"]
+           "chunked_attention", "dot_product_attention", "masked_attention", "sequence_plan", "splash_attention"]
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -62,12 +67,15 @@ def dot_product_attention(
     block_kv: int = 512,
     mesh=None,
     sequence_parallel: str = "ulysses",
+    ulysses_degree: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """Key-padded attention ``[B, L, N, K] -> [B, L, N, K]``; ``mesh`` defaults to the context mesh.
 
-    ``sequence_parallel`` (``ulysses | ring | auto``) applies under a mesh with a ``sequence`` axis; ``interpret``
-    runs the splash kernel in Pallas interpret mode (CPU tests)."""
+    ``sequence_parallel`` (``ulysses | ring | auto``) applies under a mesh with a ``sequence`` axis;
+    ``ulysses_degree`` (``U > 0``, dividing the sequence degree) overrides it with Ulysses in groups of ``U`` x ring
+    across the groups (module docstring); ``interpret`` runs the splash kernel in Pallas interpret mode (CPU
+    tests)."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q [B,L,N,K] and k, v [B,S,N,K]; got {q.shape}, {k.shape}, {v.shape}")
     if impl not in IMPLS:
@@ -76,12 +84,14 @@ def dot_product_attention(
         raise ValueError(f"kv_lengths must be [B]=[{q.shape[0]}]; got {tuple(kv_lengths.shape)}")
     if sequence_parallel not in SEQUENCE_PARALLEL:
         raise ValueError(f"sequence_parallel={sequence_parallel!r}; expected one of {SEQUENCE_PARALLEL}")
+    if ulysses_degree < 0:
+        raise ValueError(f"ulysses_degree={ulysses_degree} must be >= 0 (0: decided by sequence_parallel)")
     kv_lengths = kv_lengths.astype(jnp.int32)
     kernel = functools.partial(_local, impl=impl, block_q=block_q, block_kv=block_kv, interpret=bool(interpret))
     mesh = _context_mesh(mesh)
     if mesh is None:
         return kernel(q, k, v, kv_lengths)
-    return _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sequence_parallel, block_q, block_kv)
+    return _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sequence_parallel, block_q, block_kv, ulysses_degree)
 
 
 def _local(q, k, v, kv_lengths, *, impl, block_q, block_kv, interpret):
@@ -131,23 +141,36 @@ def _axis(axes: tuple[str, ...]):
     return axes[0] if len(axes) == 1 else axes
 
 
-def _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv):
+def sequence_plan(heads: int, sp: int, mode: str, ulysses_degree: int = 0, impl: str = "chunked") -> int:
+    """The Ulysses degree ``U`` attention uses on a sequence axis of size ``sp`` (``U = sp``: pure Ulysses, ``1``:
+    pure ring, between: hybrid) for ``heads`` heads per tensor shard; raises on a combination that cannot run."""
+    if sp == 1:
+        return 1
+    u = ulysses_degree
+    if u == 0:
+        if mode == "auto":
+            mode = "ulysses" if heads % sp == 0 else "ring"
+        u = sp if mode == "ulysses" else 1
+        if u == sp and heads % sp:
+            raise ValueError(f"Ulysses sequence parallelism needs the {heads} heads per tensor shard to be "
+                             f"divisible by the sequence degree {sp}; use sequence_parallel='ring' (or 'auto')")
+    elif sp % u:
+        raise ValueError(f"ulysses_degree={u} must divide the sequence degree {sp} (Ulysses groups x ring)")
+    elif heads % u:
+        raise ValueError(f"ulysses_degree={u} must divide the {heads} heads per tensor shard")
+    if u < sp and impl not in RING_KERNELS:
+        raise ValueError(f"ring attention composes with the kernels {RING_KERNELS}, not {impl!r} "
+                         "(it needs the running softmax statistics); use ulysses or another kernel")
+    return u
+
+
+def _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv, ulysses_degree=0):
     batch_ax, seq_ax, head_ax = attention_partition(mesh)
     nb, sp, tp = _size(mesh, batch_ax), _size(mesh, seq_ax), _size(mesh, head_ax)
     b, length, n, _ = q.shape
     if n % tp:
         raise ValueError(f"{n} attention heads cannot be split over the {head_ax} mesh axes of size {tp}")
-    mode = None
-    if sp > 1:
-        mode = sp_mode
-        if mode == "auto":
-            mode = "ulysses" if (n // tp) % sp == 0 else "ring"
-        if mode == "ulysses" and (n // tp) % sp:
-            raise ValueError(f"Ulysses sequence parallelism needs the {n // tp} heads per tensor shard to be "
-                             f"divisible by the sequence degree {sp}; use sequence_parallel='ring' (or 'auto')")
-        if mode == "ring" and impl not in RING_KERNELS:
-            raise ValueError(f"ring attention composes with the kernels {RING_KERNELS}, not {impl!r} "
-                             "(it needs the running softmax statistics); use ulysses or another kernel")
+    u = sequence_plan(n // tp, sp, sp_mode, ulysses_degree, impl)
     # Pad the sequence to a multiple of the degree (padded keys sit beyond every kv_length) and the batch to a
     # multiple of the batch shards (padded samples see their zero keys); both are dropped afterwards.
     qp, kp, vp = (_pad_to(_pad_to(a, 1, sp), 0, nb) for a in (q, k, v))
@@ -156,13 +179,15 @@ def _sharded(q, k, v, kv_lengths, mesh, kernel, impl, sp_mode, block_q, block_kv
              _axis(head_ax) if head_ax else None, None)
     lspec = P(spec[0])
 
-    if mode is None:
+    if sp == 1:
         body = kernel
-    elif mode == "ulysses":
+    elif u == sp:
         body = functools.partial(_ulysses, kernel=kernel, axis=_axis(seq_ax))
     else:
-        bq, bk = (block_q, block_kv) if impl == "chunked" else (qp.shape[1] // sp, qp.shape[1] // sp)
-        body = functools.partial(_ring, axis=_axis(seq_ax), sp=sp, block_q=bq, block_kv=bk)
+        r = sp // u
+        block = qp.shape[1] // r            # tokens per ring block (a group's share after its all-to-all)
+        bq, bk = (block_q, block_kv) if impl == "chunked" else (block, block)
+        body = functools.partial(_hybrid, axis=_axis(seq_ax), u=u, r=r, block_q=bq, block_kv=bk)
     out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, lspec), out_specs=spec,
                         check_vma=impl != "splash")(qp, kp, vp, lens)
     return out[:b, :length]
@@ -175,15 +200,32 @@ def _ulysses(q, k, v, kv_lengths, *, kernel, axis):
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _ring(q, k, v, kv_lengths, *, axis, sp, block_q, block_kv):
-    """Ring attention: the local queries meet every K/V block as the blocks travel around the ring."""
-    idx = jax.lax.axis_index(axis)
+def _hybrid(q, k, v, kv_lengths, *, axis, u, r, block_q, block_kv):
+    """USP: all-to-all within groups of ``u`` consecutive devices (``[B, L/sp, n] -> [B, L/r, n/u]``), ring over
+    the ``r`` groups, all-to-all back. ``u == 1``: the all-to-alls are identities (pure ring)."""
+    groups = None if r == 1 else [list(range(g * u, (g + 1) * u)) for g in range(r)]
+    if u > 1:
+        a2a = functools.partial(jax.lax.all_to_all, axis_name=axis, tiled=True, axis_index_groups=groups)
+        q, k, v = (a2a(a, split_axis=2, concat_axis=1) for a in (q, k, v))
+    out = _ring(q, k, v, kv_lengths, axis=axis, sp=r, block_q=block_q, block_kv=block_kv, stride=u)
+    if u > 1:
+        out = a2a(out, split_axis=1, concat_axis=2)
+    return out
+
+
+def _ring(q, k, v, kv_lengths, *, axis, sp, block_q, block_kv, stride=1):
+    """Ring attention: the local queries meet every K/V block as the blocks travel around the ring.
+
+    ``sp`` ring positions; with ``stride > 1`` the axis holds ``sp * stride`` devices and each ring links the
+    devices ``stride`` apart (the same position inside every Ulysses group), so position = index // stride."""
+    idx = jax.lax.axis_index(axis) // stride
     lk = k.shape[1]
-    perm = [(i, (i + 1) % sp) for i in range(sp)]
+    size = sp * stride
+    perm = [(i, (i + stride) % size) for i in range(size)]
     state = _init_state(q)
 
     def fold(state, kv, step):
-        src = (idx - step) % sp                     # the device this K/V block started on
+        src = (idx - step) % sp                     # the ring position this K/V block started on
         return _flash_update(q, kv[0], kv[1], src * lk, kv_lengths, state, block_q, block_kv)
 
     def body(carry, step):

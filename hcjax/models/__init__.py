@@ -134,10 +134,14 @@ def load(source: str | Path | Source | None = None, config: str | Path | None = 
     """Everything sampling needs from ``source`` (a :class:`Source` from :func:`resolve`, or its arguments)."""
     src = source if isinstance(source, Source) else resolve(source, config, overrides, variant, seed)
     if src.kind == "random":
-        return random_models(src.cfg, src.seed)
-    if src.kind == "original":
-        return load_bundle(convert_original(src.path, src.variant, cfg=src.cfg), cfg=src.cfg)
-    return load_bundle(src.path, cfg=src.cfg)
+        models = random_models(src.cfg, src.seed)
+    elif src.kind == "original":
+        models = load_bundle(convert_original(src.path, src.variant, cfg=src.cfg), cfg=src.cfg)
+    else:
+        models = load_bundle(src.path, cfg=src.cfg)
+    if src.cfg.dit.use_fp8 or src.cfg.dit.cpu_offload:      # fp8 block weights / host-resident block stacks
+        models.dit = dit.runtime_params(models.dit, src.cfg.dit)
+    return models
 
 
 def load_models(ckpt_dir=None, config=None, overrides=(), seed: int = 0, variant: str | None = None) -> Models:

@@ -32,15 +32,20 @@ if __name__ == "__main__":
     phase("import")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from hcjax import memory  # noqa: E402
 from hcjax import models as M  # noqa: E402
-from hcjax.media import write_video  # noqa: E402
-from hcjax.runtime import enable_compilation_cache  # noqa: E402
+from hcjax import sharding  # noqa: E402
+from hcjax.conditioning.video import check_editing_files  # noqa: E402
+from hcjax.media import read_image, write_video  # noqa: E402
+from hcjax.runtime import enable_compilation_cache, initialize_distributed, is_main_process  # noqa: E402
 from hcjax.pipeline import Request, decode, denoise, compile_denoise, prepare, validate_request  # noqa: E402
 
 FROM_MODEL = "default: the model's sample.{}"
@@ -82,6 +87,22 @@ def parse(argv=None):
       "= --set dit.cfg_batch=N)")
     a("--ffn-chunk", type=int, default=None, help="tokens per chunk in the blocks' MLP/modulation (0 = off; "
       "= --set dit.ffn_chunk=N)")
+    a("--mesh", type=int, nargs=4, default=None, metavar=("DATA", "FSDP", "SEQ", "TENSOR"),
+      help="device mesh degrees (one may be -1: fill). Default on GPU/TPU (or several processes): every device, "
+      "on the sequence axis as far as the heads allow, the rest fsdp; in one CPU process: no mesh")
+    a("--sequence-parallel", choices=("ulysses", "ring", "auto"), default=None,
+      help="how attention splits tokens over the sequence axis (= --set dit.sequence_parallel=...)")
+    a("--ulysses-degree", type=int, default=None, help="hybrid sequence parallelism: Ulysses all-to-all in groups "
+      "of N devices x ring attention across SEQ/N groups (N = SEQ: Ulysses, 1: ring; = --set dit.ulysses_degree=N)")
+    a("--input-json", default=None, help="JSON list of requests (objects with the request flags as keys, e.g. "
+      "pos_prompt, ref_image, video_size, sample_n_frames, seed, output_name); flags given here are defaults")
+    a("--num-images", type=int, default=1, help="samples per request, seeds seed, seed+1, ...")
+    a("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: process 0's address (with "
+      "--num-processes and --process-id); JAX_COORDINATOR_ADDRESS in the environment works too")
+    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    a("--process-id", type=int, default=None, help="multi-process: this process's index (0 writes the files)")
+    a("--distributed", choices=("auto",), default=None, help="auto: jax.distributed on TPU pods / SLURM / Open MPI "
+      "(the cluster gives coordinator, count and index)")
     a("--no-compile-cache", action="store_true", help="do not use the persistent XLA compilation cache "
       "($HCJAX_CACHE_DIR, default ~/.cache/hcjax/xla)")
     a("--debug", action="store_true", help="show tracebacks")
@@ -103,6 +124,110 @@ def memory_overrides(args) -> list[str]:
     sets = [f"dit.{k}=true" for k in ("use_fp8", "cpu_offload") if getattr(args, k)]
     sets += [f"dit.{k}={getattr(args, k)}" for k in ("cfg_batch", "ffn_chunk") if getattr(args, k) is not None]
     return sets
+
+
+# --input-json keys: the request flags' names (dashes or underscores) -> the value type each takes
+JSON_FIELDS = {"ref_image": str, "pos_prompt": str, "neg_prompt": str, "item_name": str, "input_audio": str,
+               "audio_strength": float, "input_video": str, "mask_video": str, "expand_scale": int,
+               "video_size": "HW", "sample_n_frames": int, "infer_steps": int, "flow_shift_eval_video": float,
+               "cfg_scale": float, "ip_cfg_scale": float, "use_deepcache": int, "seed": int, "fps": int,
+               "output_name": str, "num_images": int}
+FILE_FLAGS = {"ref_image": "--ref-image", "input_audio": "--input-audio", "input_video": "--input-video",
+              "mask_video": "--mask-video"}
+
+
+def _typed(value, kind, where: str):
+    if kind == "HW":
+        if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+            raise ValueError(f"{where}: expected [height, width] (two integers); got {value!r}")
+        return value
+    want = {str: "a string", int: "an integer", float: "a number"}[kind]
+    ok = isinstance(value, str) if kind is str else type(value) is int if kind is int else type(value) in (int, float)
+    if not ok:
+        raise ValueError(f"{where}: expected {want}; got {value!r}")
+    return kind(value)
+
+
+def read_requests(path: str, args) -> list[argparse.Namespace]:
+    """``--input-json``: one namespace per entry (the command line's values overridden by the entry's keys); keys
+    and value types are checked here, naming the entry's index and field."""
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"--input-json {f}: file not found")
+    try:
+        entries = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--input-json {f}: not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--input-json {f}: expected a non-empty JSON list of request objects")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"--input-json {f}: request {i}: expected an object of request fields; got {entry!r}")
+        ns = argparse.Namespace(**vars(args))
+        for key, value in entry.items():
+            name = key.replace("-", "_")
+            where = f"--input-json {f}: request {i}: field {key!r}"
+            if name not in JSON_FIELDS:
+                raise ValueError(f"{where} is not a request field (expected one of {sorted(JSON_FIELDS)})")
+            setattr(ns, name, None if value is None else _typed(value, JSON_FIELDS[name], where))
+        out.append(ns)
+    return out
+
+
+def plan_requests(args, src) -> list[tuple[Request, str | None]]:
+    """Every sample of this run as ``(request, output stem or None)``, each request checked as the single-request
+    path checks it (files, settings, memory) before any model loads; errors name the JSON entry and field."""
+    entries = read_requests(args.input_json, args) if args.input_json else [args]
+    jobs = []
+    for i, ns in enumerate(entries):
+        label = f"--input-json {args.input_json}: request {i}: " if args.input_json else ""
+        try:
+            if ns.num_images is None or ns.num_images < 1:
+                raise ValueError(f"--num-images {ns.num_images} must be >= 1")
+            for name, flag in FILE_FLAGS.items():
+                path = getattr(ns, name)
+                if path is not None and not Path(path).is_file():
+                    raise FileNotFoundError(f"{f'field {name!r}' if label else flag} {path}: file not found")
+            if ns.output_name is not None and (not ns.output_name or Path(ns.output_name).name != ns.output_name):
+                raise ValueError(f"--output-name {ns.output_name!r}: give a plain file name stem (no directories)")
+            req = request_from_args(ns, src.cfg.sample)
+            validate_request(src.cfg, req)
+            check_before_load(ns, src, req)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{label}{e}") from None
+        if req.cfg_scale < 1.0 and req.neg_prompt:
+            print(f"warning: {label}--cfg-scale < 1 disables guidance; --neg-prompt is ignored", file=sys.stderr)
+        jobs += [(dataclasses.replace(req, seed=req.seed + k), ns.output_name) for k in range(ns.num_images)]
+    counts: dict = {}
+    for _, stem in jobs:
+        counts[stem] = counts.get(stem, 0) + 1
+    seen: dict = {}
+    named = []
+    for req, stem in jobs:
+        if stem is not None and counts[stem] > 1:          # one stem for several samples: stem_0, stem_1, ...
+            seen[stem] = seen.get(stem, -1) + 1
+            stem = f"{stem}_{seen[stem]}"
+        named.append((req, stem))
+    return named
+
+
+def mesh_overrides(args) -> list[str]:
+    """--sequence-parallel / --ulysses-degree as DiT config overrides."""
+    sets = [] if args.sequence_parallel is None else [f"dit.sequence_parallel={args.sequence_parallel}"]
+    return sets + ([] if args.ulysses_degree is None else [f"dit.ulysses_degree={args.ulysses_degree}"])
+
+
+def sampling_mesh(args, cfg):
+    """``(mesh, mesh config)`` of this run, ``(None, None)`` for one device: ``--mesh``, else every device on
+    GPU/TPU or across processes (one CPU process: its fake host devices share the same cores, so no mesh)."""
+    n = jax.device_count()
+    if args.mesh is None and (n == 1 or (jax.default_backend() == "cpu" and jax.process_count() == 1)):
+        if args.ulysses_degree not in (None, 0, 1):
+            raise ValueError(f"--ulysses-degree {args.ulysses_degree} needs a sequence axis: give --mesh")
+        return None, None
+    mesh_cfg = sharding.mesh_config(args.mesh, cfg.dit, n, rules=cfg.mesh.rules)
+    return sharding.make_mesh(mesh_cfg, cfg.dit), mesh_cfg
 
 
 def output_dir(path: str) -> Path:
@@ -137,45 +262,30 @@ def reserve_name(out_dir: Path, stem: str | None, seed: int) -> Path:
     raise FileExistsError(f"could not find a free output name in {out_dir}")
 
 
-def run(args) -> Path:
-    for flag, path in (("--ref-image", args.ref_image), ("--input-audio", args.input_audio),
-                       ("--input-video", args.input_video), ("--mask-video", args.mask_video)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{flag} {path}: file not found")
-    out_dir = output_dir(args.save_path)
-    enable_compilation_cache(not args.no_compile_cache)
-    if args.output_name is not None:
-        if not args.output_name or Path(args.output_name).name != args.output_name:
-            raise ValueError(f"--output-name {args.output_name!r}: give a plain file name stem (no directories)")
-        taken = [f"{args.output_name}{x}" for x in (".mp4", ".json") if (out_dir / f"{args.output_name}{x}").exists()]
-        if taken:
-            raise FileExistsError(f"--output-name {args.output_name}: {', '.join(taken)} already exists in {out_dir}; "
-                                  "choose another name")
-    src = M.resolve(args.ckpt_dir, args.config, args.set + memory_overrides(args))
-    req = request_from_args(args, src.cfg.sample)
-    if req.cfg_scale < 1.0 and req.neg_prompt:
-        print("warning: --cfg-scale < 1 disables guidance; --neg-prompt is ignored", file=sys.stderr)
-    validate_request(src.cfg, req)                      # fail fast, before any weight is loaded
+def check_before_load(args, src, req) -> None:
+    """Cheap checks before any weight is read: the reference image decodes, the editing videos agree, and the
+    memory estimate fits the machine (:mod:`hcjax.memory`)."""
+    if req.ref_image is not None:
+        read_image(req.ref_image)                      # ValueError naming the file: corrupt, truncated, empty
+    if req.input_video is not None:
+        check_editing_files(req.input_video, req.mask_video)
+    if src.kind == "random":
+        text = Path(args.config).read_text(errors="replace")
+        empty = not any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines())
+        what = f"--config {args.config} with random weights" + (
+            " (the file is empty: the built-in defaults, the full-size model)" if empty else "")
+    else:
+        what = "the demo model" if src.kind == "demo" else f"--ckpt-dir {args.ckpt_dir}"
+    h, w = req.video_size
+    memory.check(memory.request_estimate(src.cfg, req, random_weights=src.kind == "random"),
+                 f"{what} at {req.frames} frames {w}x{h}",
+                 "try a smaller --video-size / --sample-n-frames, --cfg-batch 1, --ffn-chunk N, or a smaller model")
 
-    phase("load")
-    t0 = time.perf_counter()
-    models = M.load(src)
-    timings = {"load_s": time.perf_counter() - t0}
-    phase("prepare")
-    prep = prepare(models, req)
-    phase("compile")
-    t1 = time.perf_counter()
-    compile_denoise(models, prep, report_steps=True)
-    timings["compile_s"] = time.perf_counter() - t1
-    phase("denoise")
-    with tqdm(total=len(prep.sigmas) - 1, desc="denoising", unit="step") as bar:
-        latents = denoise(models, prep, on_step=lambda i: bar.update(1))
-    phase("decode")
-    t2 = time.perf_counter()
-    frames = decode(models, latents)
-    timings.update(prep.timings, vae_decode_s=time.perf_counter() - t2)
 
-    video = reserve_name(out_dir, args.output_name, req.seed)
+def write_outputs(out_dir: Path, stem: str | None, req: Request, frames, timings: dict, args, src,
+                  extra: dict) -> Path:
+    """The MP4 and its settings JSON (atomically; nothing partial is left on an error or interrupt)."""
+    video = reserve_name(out_dir, stem, req.seed)
     settings_file = video.with_suffix(".json")
     try:
         phase("write")
@@ -184,7 +294,7 @@ def run(args) -> Path:
         settings.update(frames_written=int(frames.shape[0]), height=int(frames.shape[1]),
                         width=int(frames.shape[2]), ckpt_dir=args.ckpt_dir, config=args.config,
                         config_overrides=args.set, source=src.kind, embedded_default=src.kind == "demo",
-                        random_weights=src.kind == "random", timings=timings)
+                        random_weights=src.kind == "random", **extra, timings=timings)
         tmp = settings_file.with_name(f".{settings_file.name}.tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, settings_file)
@@ -192,17 +302,62 @@ def run(args) -> Path:
         for f in (video, settings_file, settings_file.with_name(f".{settings_file.name}.tmp")):
             f.unlink(missing_ok=True)
         raise
-    total = sum(v for k, v in timings.items() if k in ("load_s", "prepare_s", "compile_s", "denoise_s",
-                                                         "vae_decode_s"))
-    print(f"wrote {video} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}); load "
-          f"{timings['load_s']:.1f}s, compile {timings['compile_s']:.1f}s, denoise {timings['denoise_s']:.1f}s "
-          f"({timings['s_per_step']:.2f} s/step), total {total:.1f}s")
     return video
+
+
+def run(args) -> list[Path]:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
+    main = is_main_process()                            # only process 0 writes files
+    enable_compilation_cache(not args.no_compile_cache)
+    src = M.resolve(args.ckpt_dir, args.config, args.set + memory_overrides(args) + mesh_overrides(args))
+    jobs = plan_requests(args, src)                     # every request checked before any weight is loaded
+    out_dir = output_dir(args.save_path) if main else Path(args.save_path)
+    for stem in {s for _, s in jobs if s is not None}:
+        taken = [f"{stem}{x}" for x in (".mp4", ".json") if (out_dir / f"{stem}{x}").exists()]
+        if taken:
+            raise FileExistsError(f"--output-name {stem}: {', '.join(taken)} already exists in {out_dir}; "
+                                  "choose another name")
+    mesh, mesh_cfg = sampling_mesh(args, src.cfg)
+    placement = {} if mesh is None else {"mesh": dict(mesh.shape), "processes": jax.process_count(),
+                                         "sequence_parallel": src.cfg.dit.sequence_parallel,
+                                         "ulysses_degree": src.cfg.dit.ulysses_degree}
+
+    phase("load")
+    t0 = time.perf_counter()
+    models = M.load(src, mesh=mesh, mesh_cfg=mesh_cfg)
+    load_s = time.perf_counter() - t0
+    written = []
+    for req, stem in jobs:
+        timings = {"load_s": load_s if not written else 0.0}
+        phase("prepare")
+        prep = prepare(models, req)
+        phase("compile")
+        t1 = time.perf_counter()
+        compile_denoise(models, prep, report_steps=True)
+        timings["compile_s"] = time.perf_counter() - t1
+        phase("denoise")
+        with tqdm(total=len(prep.sigmas) - 1, desc="denoising", unit="step", disable=not main) as bar:
+            latents = denoise(models, prep, on_step=lambda i: bar.update(1))
+        phase("decode")
+        t2 = time.perf_counter()
+        frames = decode(models, latents)
+        timings.update(prep.timings, vae_decode_s=time.perf_counter() - t2)
+        if not main:
+            continue
+        video = write_outputs(out_dir, stem, req, frames, timings, args, src, placement)
+        written.append(video)
+        total = sum(v for k, v in timings.items() if k in ("load_s", "prepare_s", "compile_s", "denoise_s",
+                                                             "vae_decode_s"))
+        print(f"wrote {video} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}); load "
+              f"{timings['load_s']:.1f}s, compile {timings['compile_s']:.1f}s, denoise {timings['denoise_s']:.1f}s "
+              f"({timings['s_per_step']:.2f} s/step), total {total:.1f}s")
+    return written
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    return run_cli(lambda: run(args) and 0, debug=args.debug)
+    return run_cli(lambda: run(args) and 0 or 0, debug=args.debug)
+
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""VAE decode, tiled and untiled: hcjax vs diffusers ``AutoencoderKLHunyuanVideo`` (tiling set to the original's rules).
+"""VAE decode, tiled and untiled: hcjax vs diffusers ``AutoencoderKLHunyuanVideo`` (the original's tiling rules).
 
 Same tiny-width VAE (random weights, converted by ``convert_weights.vae``), same latents, one run. Each side
 runs in its own subprocess so peak RSS is its own: after setup the peak counter is reset
 (``/proc/self/clear_refs``), then the decode runs; we report wall time of the first call (hcjax: includes
 compiling the one tile function; a second hcjax process then loads it from the persistent compilation cache
-the first one wrote, as ``sample.py`` does on a repeated run), of a second call, and peak RSS (absolute and above the pre-call RSS), for
-the tiled decode and the one-pass (untiled) decode. Time ratios are diffusers / hcjax (> 1 means hcjax is
-faster); memory ratios are hcjax / diffusers (< 1 means hcjax is smaller). Absolute peaks include what each worker
-imported (jax + hcjax in both, torch + diffusers only in the torch worker); the peaks above the post-setup RSS
-compare the decodes themselves.
+the first one wrote, as ``sample.py`` does on a repeated run), of a second call, and peak RSS (absolute and
+above the pre-call RSS), for the tiled decode and the one-pass (untiled) decode. Time ratios are
+diffusers / hcjax (> 1 means hcjax is faster); memory ratios are hcjax / diffusers (< 1 means hcjax is
+smaller). Absolute peaks include what each worker imported (jax + hcjax in both, torch + diffusers only in the
+torch worker); the peaks above the pre-call RSS compare the decodes themselves.
 
     python benchmarks/vae.py [--latents 9,8,8] [--channels 8,16,16,16] [--groups 4] [--mode tiled,untiled]
                              [--threads 1]
@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         extra = f"; compiled tile functions: {j['compiled']}" if mode == "tiled" else ""
         print(f"{mode}: diffusers/hcjax time: first {d['first'] / j['first']:.2f} (cold compile), "
               f"{d['first'] / jw['first']:.2f} (warm cache), second {d['second'] / j['second']:.2f} / "
-              f"{d['second'] / jw['second']:.2f}; hcjax/diffusers peak RSS {j['second_peak_kb'] / d['second_peak_kb']:.2f}, "
+              f"{d['second'] / jw['second']:.2f}; hcjax/diffusers peak RSS "
+              f"{j['second_peak_kb'] / d['second_peak_kb']:.2f}, "
               f"above pre-call RSS first {above(j, 'first') / above(d, 'first'):.2f}, "
               f"second {above(j, 'second') / above(d, 'second'):.2f}; max |hcjax - diffusers| = {diff:.2e}{extra}")
     return 0

@@ -1,16 +1,22 @@
 """``python -m convert_weights <component> --src ... --out ...`` and ``python -m convert_weights inspect FILE``.
 
 Each component module (``convert_weights/<component>.py``) provides ``convert_file(args) -> Path``; this
-file only parses arguments and turns errors into one-line messages with exit code 2 (``--debug`` re-raises).
+file only parses arguments and turns errors into one-line messages with exit code 2 (``--debug`` re-raises),
+Ctrl-C into 130 (SIGTERM 143; an interrupted conversion leaves no output). ``inspect`` exits with 1 when it
+reports the file as BROKEN (truncated tensor data).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import sys
+from hcjax.cli import exit_process, guard_imports, run_cli
 
-from .inspect_ckpt import inspect_file
+if __name__ == "__main__":
+    guard_imports()                 # an interrupt while the heavy modules import: one line, exit 130/143
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+
+from .inspect_ckpt import inspect_file  # noqa: E402
 
 COMPONENTS = {
     "dit": "HunyuanCustom / HunyuanVideo transformer (original or diffusers format)",
@@ -50,21 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run():
         if args.command == "inspect":
-            print(inspect_file(args.file, key=args.key, fp8_map=args.fp8_map))
-            return 0
+            report = inspect_file(args.file, key=args.key, fp8_map=args.fp8_map)
+            print(report)
+            return 1 if "BROKEN" in report else 0
         module = importlib.import_module(f"convert_weights.{args.command}")
         out = module.convert_file(args)
         print(f"wrote {out}")
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        if args.debug:
-            raise
-        msg = str(e).strip() or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+
+    return run_cli(run, debug=args.debug)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -14,9 +14,11 @@ the one source of random weights (the embedded random models, the demo's text to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -164,6 +166,56 @@ class TrainCheckpoints:
         self.manager.close()
 
 
+def check_workdir(path: str | Path, flag: str = "--workdir") -> Path:
+    """``path`` is a directory or can become one (no file at it or above it); ``ValueError`` naming ``flag``."""
+    path = Path(path)
+    for p in (path, *path.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is under the file {p}"
+                raise ValueError(f"{flag} {path} {where}; give a directory")
+            if not os.access(p, os.W_OK | os.X_OK) and p != path:
+                raise ValueError(f"{flag} {path}: {p} is not writable")
+            break
+    return path
+
+
+RUN_OUTPUTS = ("checkpoints", "config.json", "metrics.jsonl", "tensorboard", "params")
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """``directory`` (a run's ``checkpoints/``) holds at least one complete step (orbax renames a finished save to
+    its step number)."""
+    d = Path(directory)
+    return d.is_dir() and any(c.is_dir() and c.name.isdigit() for c in d.iterdir())
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(workdir: str | Path, names: tuple[str, ...] = RUN_OUTPUTS) -> Iterator[Path]:
+    """A training run that fails or is interrupted before its first complete checkpoint removes what it created in
+    ``workdir`` (the ``names`` that did not exist before, and ``workdir`` itself when it was created and is left
+    empty); a run with a checkpoint keeps everything (``--resume`` continues it). Nothing that existed before is
+    touched."""
+    workdir = Path(workdir).absolute()
+    created_dir = not workdir.exists()
+    before = {n for n in names if (workdir / n).exists()}
+    try:
+        yield workdir
+    except BaseException:
+        if not has_checkpoint(workdir / "checkpoints"):
+            for n in names:
+                p = workdir / n
+                if n in before or not (p.exists() or p.is_symlink()):
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if created_dir and workdir.is_dir() and not any(workdir.iterdir()):
+                workdir.rmdir()
+        raise
+
+
 def export_training_params(checkpoints: str | Path, out: str | Path, *, step: int | None = None, ema: bool = True,
                            overwrite: bool = False) -> Path:
     """Write the DiT params of a training checkpoint (the EMA params when present and ``ema``) as a converted-weights
@@ -183,7 +235,7 @@ def export_training_params(checkpoints: str | Path, out: str | Path, *, step: in
 
 # DiT fields that only change how the model executes, not its parameters.
 _EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "sequence_parallel",
-                     "attention_interpret", "remat"}
+                     "ulysses_degree", "attention_interpret", "remat"}
 
 
 def dit_differences(saved_dit: dict, cfg: Config) -> tuple[list[str], list[str]]:

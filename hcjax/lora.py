@@ -46,9 +46,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .checkpoint import TrainCheckpoints
+from .config import DEFAULT_LORA_TARGETS, Config, config_from_json
+from .dit.storage import FP8
 from .layers import Dense
 
 LORA_A, LORA_B = "lora_a", "lora_b"
+LORA_KEY = "lora_key"           # per-layer dropout key (int32 key data) placed beside an adapter by ``inject``
 METADATA_KEY = "hcjax_lora"
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -111,6 +115,11 @@ def lead_ndim(kernel_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequ
     return lead
 
 
+def _shape(kernel) -> tuple[int, ...]:
+    """Shape of a kernel leaf: an array, or the run-time fp8 node ``{"fp8": bits, "fp8_scale"}`` (``hcjax.dit``)."""
+    return tuple((kernel[FP8] if isinstance(kernel, Mapping) else kernel).shape)
+
+
 def validate(params: Mapping, adapters: Mapping, what: str = "adapter") -> dict[str, tuple[Any, Any]]:
     """Check every adapted module exists in ``params`` with a kernel the adapter factors; returns ``modules``."""
     mods = modules(adapters)
@@ -123,7 +132,7 @@ def validate(params: Mapping, adapters: Mapping, what: str = "adapter") -> dict[
             problems.append(f"{path}: no such Dense (no {path}/kernel in the params)")
             continue
         try:
-            lead_ndim(node["kernel"].shape, a.shape, b.shape)
+            lead_ndim(_shape(node["kernel"]), a.shape, b.shape)
         except ValueError as e:
             problems.append(f"{path}: {e}")
     if problems:
@@ -145,7 +154,7 @@ def _kernel_shape(params: Mapping, path: str) -> tuple[int, ...]:
     node: Any = params
     for part in path.split("/"):
         node = node[part]
-    return tuple(node["kernel"].shape)
+    return _shape(node["kernel"])
 
 
 def combine(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0) -> dict:
@@ -202,6 +211,11 @@ def merge(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float |
             per_kernel.setdefault(f"{path}/kernel", []).append((ab, scales[i]))
     flat = _flatten(params)
     for kpath, items in per_kernel.items():
+        w = flat.get(kpath)
+        if w is None or not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"merge: {kpath} is held in run-time form (fp8 or raw bits: dit.use_fp8 / "
+                             "dit.cpu_offload); merge into the ordinary params first, or apply the adapters "
+                             "unmerged (sample.py --lora-mode unmerged)")
         pairs = tuple(ab for ab, _ in items)
         ss = tuple(jnp.float32(s) for _, s in items)
         flat[kpath] = _merge_kernel(flat[kpath], pairs, ss)
@@ -211,12 +225,22 @@ def merge(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float |
 # ------------------------------------------------------------------------------------------- unmerged
 
 
-def inject(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0) -> dict:
-    """``params`` (shared, not copied) with the combined adapter leaves beside each adapted kernel."""
+def inject(params: Mapping, adapters: Mapping | Sequence[Mapping], scale: float | Sequence[float] = 1.0, *,
+           dropout_key=None) -> dict:
+    """``params`` (shared, not copied) with the combined adapter leaves beside each adapted kernel.
+
+    ``dropout_key``: also a ``lora_key`` leaf per adapted module, ``[*lead, 2]`` int32 key data (one key per stacked
+    layer, ``fold_in(dropout_key, module index)`` split over the layers), which the block scan slices per layer
+    together with the kernel: the dropout masks of :func:`lora_scope` differ per module, layer and key."""
     combined = combine(params, adapters, scale)
     flat = _flatten(params)
-    for path, (a, b) in modules(combined).items():
+    for i, (path, (a, b)) in enumerate(sorted(modules(combined).items())):
         flat[f"{path}/{LORA_A}"], flat[f"{path}/{LORA_B}"] = a, b
+        if dropout_key is not None:
+            lead = tuple(a.shape[: lead_ndim(_kernel_shape(params, path), a.shape, b.shape)])
+            k = jax.random.fold_in(dropout_key, i)
+            keys = jax.random.split(k, int(np.prod(lead))).reshape(lead) if lead else k
+            flat[f"{path}/{LORA_KEY}"] = jax.lax.bitcast_convert_type(jax.random.key_data(keys), jnp.int32)
     return _unflatten(flat)
 
 
@@ -224,11 +248,24 @@ def strip(params: Mapping) -> tuple[dict, dict]:
     """Split an injected tree back into ``(base params, adapters)``."""
     base, ad = {}, {}
     for path, v in _flatten(params).items():
-        (ad if path.rpartition("/")[2] in (LORA_A, LORA_B) else base)[path] = v
+        leaf = path.rpartition("/")[2]
+        if leaf != LORA_KEY:
+            (ad if leaf in (LORA_A, LORA_B) else base)[path] = v
     return _unflatten(base), _unflatten(ad)
 
 
-def _interceptor(next_fun, args, kwargs, context):
+def _dropped(module: nn.Module, x, rate: float):
+    """``x`` with inverted dropout at ``rate``, the mask drawn from the module's ``lora_key`` (see ``inject``)."""
+    data = module.get_variable("params", LORA_KEY)
+    if data is None:
+        raise ValueError(f"Dense {module.name}: LoRA dropout {rate} needs per-layer keys; build the params with "
+                         "inject(..., dropout_key=key) (or lora.apply(..., dropout_key=key))")
+    key = jax.random.wrap_key_data(jax.lax.bitcast_convert_type(data, jnp.uint32))
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _interceptor(next_fun, args, kwargs, context, dropout: float = 0.0):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, Dense) or not module.has_variable(
             "params", LORA_A):
@@ -239,6 +276,8 @@ def _interceptor(next_fun, args, kwargs, context):
     if b is None:
         raise ValueError(f"Dense {module.name}: {LORA_A} without {LORA_B}")
     dt = y.dtype
+    if dropout > 0:
+        x = _dropped(module, x.astype(dt), dropout)
     n_in = module.in_ndim
     xa = jax.lax.dot_general(x.astype(dt), a.astype(dt), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
                                                           ((), ())))
@@ -246,20 +285,30 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 @contextlib.contextmanager
-def lora_scope():
+def lora_scope(dropout: float = 0.0):
     """Inside, every ``Dense`` whose params hold ``lora_a``/``lora_b`` adds ``(x @ lora_a) @ lora_b``.
 
     Must be active while the model is *traced* (wrap the ``model.apply`` call inside the jitted function).
+    ``dropout > 0`` (training): the LoRA branch sees ``dropout(x)`` (inverted dropout, the base matmul sees ``x``),
+    masks from the ``lora_key`` leaves ``inject(..., dropout_key=)`` placed beside the adapters -- one key per module
+    and stacked layer, sliced by the block scan like the kernels, so no change to the DiT. A Dense called several
+    times per layer (``dit.ffn_chunk`` token chunks) reuses its mask pattern per chunk.
     """
-    with nn.intercept_methods(_interceptor):
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout {dropout} must be in [0, 1)")
+    with nn.intercept_methods(lambda *a: _interceptor(*a, dropout=dropout)):
         yield
 
 
 def apply(model: nn.Module, params: Mapping, adapters: Mapping | Sequence[Mapping],
-          scale: float | Sequence[float] = 1.0, *args, **kwargs):
-    """``model.apply`` with the adapters unmerged (see module docstring); jit-traceable."""
-    with lora_scope():
-        return model.apply({"params": inject(params, adapters, scale)}, *args, **kwargs)
+          scale: float | Sequence[float] = 1.0, *args, dropout: float = 0.0, dropout_key=None, **kwargs):
+    """``model.apply`` with the adapters unmerged (see module docstring); jit-traceable. ``dropout`` (with a
+    ``dropout_key``): LoRA dropout as in :func:`lora_scope`."""
+    if dropout > 0 and dropout_key is None:
+        raise ValueError("lora.apply: dropout > 0 needs a dropout_key")
+    injected = inject(params, adapters, scale, dropout_key=dropout_key if dropout > 0 else None)
+    with lora_scope(dropout):
+        return model.apply({"params": injected}, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- new adapters
@@ -267,8 +316,7 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping | Sequence[Mappin
 # Adapted kernels whose input spans two dims ([N, K] heads x head_dim); every other kernel has one input dim.
 TWO_DIM_INPUT = ("attn_proj", "linear2_attn", "self_attn_proj", "to_out")
 
-DEFAULT_TARGETS = (r"(double_blocks/(img|txt)_(attn_qkv|attn_proj|mlp/fc1|mlp/fc2)"
-                   r"|single_blocks/(linear1_qkv|linear1_mlp|linear2_attn|linear2_mlp))")
+DEFAULT_TARGETS = DEFAULT_LORA_TARGETS      # hcjax.config (train.lora.targets' default)
 
 
 def in_ndim(module_path: str) -> int:
@@ -378,3 +426,34 @@ def load_adapter(path: str | Path) -> tuple[dict, dict]:
     tree = _unflatten(flat)
     modules(tree)
     return tree, json.loads(meta[METADATA_KEY])
+
+
+def save_trained(path: str | Path, state: Mapping, cfg: Config, *, ema: bool = True) -> Path:
+    """The adapters of a LoRA train state (``hcjax.training``; its EMA when present and ``ema``) as an adapter file:
+    fp32, ``train.lora``'s ``alpha / rank`` folded into ``lora_b`` (as the importer does), so ``--lora-scale 1``
+    gives the trained model. Needs the arrays addressable from this process (single host)."""
+    lc = cfg.train.lora
+    tree = jax.device_get(state["ema"] if ema and "ema" in state else state["adapters"])
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(x, np.float32) * np.float32(lc.scale if p[-1].key == LORA_B else 1.0), tree)
+    meta = {"format": "hcjax-train", "scaled": True, "rank": lc.rank, "alpha": lc.alpha or lc.rank,
+            "targets": lc.targets, "step": int(jax.device_get(state["step"])), "params": count(tree),
+            "ema": bool(ema and "ema" in state)}
+    return save_adapter(path, tree, meta)
+
+
+def export_checkpoint(checkpoints: str | Path, out: str | Path, *, step: int | None = None, ema: bool = True) -> Path:
+    """:func:`save_trained` of a LoRA training checkpoint (``<workdir>/checkpoints``; default: the latest step)."""
+    ck = TrainCheckpoints(checkpoints, read_only=True)
+    try:
+        step = ck.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no training checkpoint in {checkpoints}")
+        state, _ = ck.restore(step)
+        cfg = config_from_json(json.dumps(ck.config_dict(step)))
+    finally:
+        ck.close()
+    if "adapters" not in state:
+        raise ValueError(f"{checkpoints} step {step} is a full fine-tuning checkpoint (no adapters); export it with "
+                         "hcjax.checkpoint.export_training_params")
+    return save_trained(out, state, cfg, ema=ema)

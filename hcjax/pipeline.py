@@ -6,6 +6,14 @@
 ``lax.fori_loop``: CFG / ip-CFG combination in the DiT compute dtype (bf16 in the released setting), the Euler
 update in fp32, and the step cache (spec 6.4) as an explicit carry: full steps store the input of the last single
 block; cached steps run only that block (``lax.cond``), so a cached step costs one block.
+
+On a mesh (:func:`place`, or ``generate(..., mesh=...)``): the DiT's params are sharded by the logical rules
+(``embed`` over fsdp x sequence, heads/MLP over tensor), the text towers' by the text rules (fsdp, tensor), the
+prepared inputs are replicated and the DiT's activations split by its constraints: guidance branches over
+``data x fsdp``, tokens over ``sequence`` (Ulysses / ring / hybrid attention, ``dit.sequence_parallel`` and
+``dit.ulysses_degree``). The VAE and Whisper run locally on each process (identical inputs, identical results).
+With several processes every process runs the same calls on the same host inputs and gets the same host result;
+only the caller decides who writes files (``hcjax.runtime.is_main_process``).
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .conditioning.text import TextEncoders, encode_prompts
+from . import sharding
+from .axes import TEXT_RULES
+from .conditioning import clip, llava
+from .conditioning.text import TextConditioning, TextEncoders, encode_prompts
 from .conditioning.video import bg_latents_from_files
 from .conditioning.whisper import audio_prompts_from_file
 from .config import PRESET_DIR, Config, DiTConfig, SampleConfig
-from .dit import HunyuanDiT, StepCache
+from .dit import HunyuanDiT, StepCache, abstract_params
 from .layers import to_dtype
 from .media import pad_resize, read_image, to_uint8
 from .scheduler import deepcache_mask, euler_step
@@ -222,6 +233,30 @@ class Models:
     text: TextEncoders
     whisper: Any = None               # Whisper params (audio model)
     whisper_extractor: Any = None     # transformers WhisperFeatureExtractor (audio model)
+    mesh: Any = None                  # jax Mesh the DiT and text params live on (see place); None: one device
+    rules: Any = None                 # the DiT's logical-axis rules on that mesh
+
+
+def place(models: Models, mesh, mesh_cfg=None) -> Models:
+    """``models`` with the DiT params sharded on ``mesh`` by the rule set of ``mesh_cfg`` (default rules
+    otherwise) and the LLaVA/CLIP params by the text rules; the VAE and Whisper stay local. Checks the mesh
+    against the DiT (heads, sequence-parallel mode); a 1-device mesh is allowed."""
+    cfg = models.cfg
+    degrees = tuple(mesh.shape[a] for a in sharding.AXES)
+    sharding.check_mesh(dataclasses.replace(mesh_cfg or cfg.mesh, **dict(zip(sharding.AXES, degrees))), cfg.dit,
+                        degrees)
+    rules = sharding.rules_for(mesh_cfg)
+    if cfg.dit.use_fp8 or cfg.dit.cpu_offload:
+        raise ValueError("sampling on a mesh with dit.use_fp8 / dit.cpu_offload is not supported (one-device "
+                         "memory options); shard the bf16 params instead (drop --use-fp8 / --cpu-offload)")
+    dit_params = sharding.shard_params(models.dit, mesh, like=abstract_params(cfg.dit), rules=rules)
+    text = dataclasses.replace(
+        models.text,
+        llava_params=sharding.shard_params(models.text.llava_params, mesh, like=llava.abstract_params(cfg),
+                                           rules=TEXT_RULES),
+        clip_params=sharding.shard_params(models.text.clip_params, mesh,
+                                          like=clip.abstract_text_params(cfg.clip_text), rules=TEXT_RULES))
+    return dataclasses.replace(models, dit=dit_params, text=text, mesh=mesh, rules=rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +379,7 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
     timings["vae_encode_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    pos, neg = encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
-                              item_names=req.item_name)
+    pos, neg = _encode_text(models, req, ref_rgb)
     timings["text_encode_s"] = time.perf_counter() - t1
 
     g = req.guidance()
@@ -384,8 +418,22 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
             raise ValueError(f"init sigma must be in (0, 1] and above the last step's {sig[-2]:.3f}; got {start}")
         sig = sig[first:]
         noise = (1.0 - sig[0]) * jnp.asarray(init_latents, jnp.float32) + sig[0] * noise
+    if models.mesh is not None:      # host copies (identical on every process) -> replicated on the mesh
+        conds, noise = sharding.replicate((conds, noise), models.mesh)
     timings["prepare_s"] = time.perf_counter() - t0
     return Prepared(conds, noise, sig, g, timings)
+
+
+def _encode_text(models: Models, req: Request, ref_rgb) -> tuple[TextConditioning, TextConditioning]:
+    """The LLaVA/CLIP branches of one request; on a mesh the towers run sharded and the states come back as host
+    copies (so they combine with the locally computed VAE latents)."""
+    if models.mesh is None:
+        return encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
+                              item_names=req.item_name)
+    with sharding.use_mesh(models.mesh, rules=TEXT_RULES):
+        pos, neg = encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
+                                  item_names=req.item_name)
+    return tuple(TextConditioning(*(sharding.to_host(x) for x in c)) for c in (pos, neg))
 
 
 _COMPILED: dict = {}
@@ -405,7 +453,11 @@ def compile_denoise(models: Models, prep: Prepared, report_steps: bool = False):
     args = (models.dit, prep.noise, prep.conds, jnp.asarray(prep.sigmas))
     key = (fn, _signature(args))
     if key not in _COMPILED:
-        _COMPILED[key] = fn.lower(*args).compile()
+        if models.mesh is None:
+            _COMPILED[key] = fn.lower(*args).compile()
+        else:                           # traced under the mesh + the DiT's logical rules (activation constraints)
+            with sharding.use_mesh(models.mesh, rules=models.rules):
+                _COMPILED[key] = fn.lower(*args).compile()
         COMPILE_COUNT[0] += 1
     return _COMPILED[key]
 
@@ -425,6 +477,8 @@ def denoise(models: Models, prep: Prepared, on_step=None) -> jax.Array:
             _STEP_HOOKS.remove(on_step)
     prep.timings["denoise_s"] = time.perf_counter() - t0
     prep.timings["s_per_step"] = prep.timings["denoise_s"] / steps
+    if models.mesh is not None:
+        latents = jnp.asarray(sharding.to_host(latents))       # a local copy on every process
     return latents
 
 
@@ -433,8 +487,13 @@ def decode(models: Models, latents: jax.Array) -> np.ndarray:
     return to_uint8(np.asarray(decode_latents(models.vae, models.cfg.vae, latents))[0])
 
 
-def generate(models: Models, req: Request, on_step=None, init=None) -> tuple[np.ndarray, dict]:
-    """One request -> (uint8 frames ``[F, h, w, 3]``, timings): :func:`prepare`, :func:`denoise`, :func:`decode`."""
+def generate(models: Models, req: Request, on_step=None, init=None, mesh=None) -> tuple[np.ndarray, dict]:
+    """One request -> (uint8 frames ``[F, h, w, 3]``, timings): :func:`prepare`, :func:`denoise`, :func:`decode`.
+
+    ``mesh``: run on it (params placed by :func:`place` unless ``models`` already live there; for many requests
+    place once and pass the placed models)."""
+    if mesh is not None and models.mesh is not mesh:
+        models = place(models, mesh)
     t0 = time.perf_counter()
     prep = prepare(models, req, init=init)
     latents = denoise(models, prep, on_step)

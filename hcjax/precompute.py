@@ -9,16 +9,20 @@ one-line message and exit code 2 (``--debug`` shows the traceback), Ctrl-C with 
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
+from .cli import exit_process, guard_imports, run_cli
 
-from .cli import run_cli
-from .models.text import load_text_encoders
-from .config import Config, load_config
-from .data import encode
-from .data.encode import Encoders, check_compatible
+if __name__ == "__main__":
+    guard_imports()                 # an interrupt while the heavy modules import: one line, exit 130/143
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .models.text import load_text_encoders  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .data import encode  # noqa: E402
+from .data.encode import Encoders, check_compatible  # noqa: E402
+from .runtime import enable_compilation_cache  # noqa: E402
 
 __all__ = ["Encoders", "check_compatible", "load_text_encoders_for", "main", "precompute"]
 
@@ -47,12 +51,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output dir (train with train.data.path=OUT, mode precomputed)")
     p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="config override")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA compilation cache")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def run():
         cfg = load_config(args.config, args.set)
+        enable_compilation_cache(not args.no_compile_cache)
         data = args.data or cfg.train.data.path
         if not data:
             raise ValueError("no raw dataset: pass --data or set train.data.path")
@@ -63,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

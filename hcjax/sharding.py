@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .axes import AXES, DEFAULT_RULES, RULE_SETS, TEXT_RULES, fit_spec
 from .config import ConfigError, DiTConfig, MeshConfig, check_mesh
+from .runtime import maybe_initialize_distributed  # noqa: F401  (former home; entry points use hcjax.runtime)
 
 __all__ = [
-    "AXES", "DEFAULT_RULES", "RULE_SETS", "TEXT_RULES", "abstract_sharded", "check_mesh", "input_sharding",
-    "logical_names", "logical_to_shardings", "make_mesh", "maybe_initialize_distributed", "mesh_spec",
-    "param_shardings", "resolve_shape", "rules_for", "shard_params", "use_mesh",
+    "AXES", "DEFAULT_RULES", "RULE_SETS", "TEXT_RULES", "abstract_sharded", "check_mesh", "default_mesh_config",
+    "input_sharding", "logical_names", "logical_to_shardings", "make_mesh", "maybe_initialize_distributed",
+    "mesh_config", "mesh_spec", "param_shardings", "replicate", "resolve_shape", "rules_for", "shard_params",
+    "to_host", "use_mesh",
 ]
 
 
@@ -68,16 +71,42 @@ def make_mesh(mesh_cfg: MeshConfig, dit_cfg: DiTConfig | None = None, devices=No
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def maybe_initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` for multi-process runs (call first in the entry points).
+def default_mesh_config(dit_cfg: DiTConfig, n_devices: int, rules: str = "default") -> MeshConfig:
+    """Sampling's default mesh: every device on ``sequence`` where the DiT's heads allow it (Ulysses, or any degree
+    with ``dit.sequence_parallel: ring`` / a ``dit.ulysses_degree``), the rest on ``fsdp``."""
+    if dit_cfg.sequence_parallel == "ring" or dit_cfg.ulysses_degree:
+        seq = n_devices
+    else:
+        seq = math.gcd(dit_cfg.num_heads, n_devices)
+    return MeshConfig(data=1, fsdp=n_devices // seq, sequence=seq, tensor=1, rules=rules)
 
-    Runs when the launcher says so (``JAX_COORDINATOR_ADDRESS`` / ``HCJAX_DISTRIBUTED=1``); JAX then detects the
-    cluster (TPU pods, SLURM, ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``). Returns whether it initialised.
-    """
-    if os.environ.get("HCJAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        return True
-    return False
+
+def mesh_config(shape, dit_cfg: DiTConfig, n_devices: int, rules: str = "default") -> MeshConfig:
+    """``MeshConfig`` from 4 degrees ``(data, fsdp, sequence, tensor)`` (one may be -1; None: the default of
+    :func:`default_mesh_config`), resolved and checked against ``n_devices`` and the DiT."""
+    if shape is None:
+        cfg = default_mesh_config(dit_cfg, n_devices, rules)
+    else:
+        if len(shape) != len(AXES):
+            raise ConfigError(f"--mesh takes {len(AXES)} degrees {' '.join(a.upper() for a in AXES)}; got {list(shape)}")
+        cfg = MeshConfig(*shape, rules=rules)
+    cfg = MeshConfig(*resolve_shape(cfg, n_devices), rules=rules)
+    check_mesh(cfg, dit_cfg)
+    return cfg
+
+
+def to_host(x) -> np.ndarray:
+    """A full host copy of ``x`` on every process (arrays spread over other processes' devices are all-gathered:
+    a collective, so every process must call it in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def replicate(tree, mesh):
+    """Every array leaf of ``tree`` (host values identical on every process) -> a replicated array on ``mesh``."""
+    sh = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.device_put(to_host(x), sh), tree)
 
 
 def rules_for(mesh_cfg: MeshConfig | None = None, name: str | None = None):

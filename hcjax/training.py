@@ -18,6 +18,12 @@ metrics)`` with explicit in/out shardings over the mesh and the state donated; a
 leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
 a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``; in raw mode it encodes each
 batch with :class:`hcjax.data.encode.Encoders` over the text encoders it is given (``train.py`` loads them).
+
+LoRA (``train.lora.rank > 0``, :mod:`hcjax.lora`): the state holds ``"adapters"`` (fp32, sharded like their
+kernels: :func:`hcjax.lora.boxed`) instead of ``"params"``, so the optimizer state and checkpoints hold adapters
+only. The frozen base is a separate, non-donated input of the step (:func:`load_base`: ``dit.param_dtype``, bf16
+or fp8 with ``dit.use_fp8``, in the DiT's run-time form), never differentiated; the DiT runs it unmerged under
+:func:`hcjax.lora.lora_scope` with scale ``alpha / rank`` and optional LoRA dropout (per-layer keys).
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from . import dit, sharding
+from . import dit, lora, sharding
 from .checkpoint import (TrainCheckpoints, dit_differences, load_checkpoint_config, load_params,
                          resume_differences)
 from .config import Config, ConfigError, to_dict
+from .dit.storage import abstract_runtime_params
 from .data import Loader, TrainBatch, sources
 from .data.batch import TEXT_KEYS
 from .data.encode import Encoders, check_compatible
@@ -113,7 +120,7 @@ def make_schedule(tc) -> optax.Schedule:
 
 def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", lora.LORA_A, lora.LORA_B), params)
 
 
 def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -127,24 +134,42 @@ def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return opt, schedule
 
 
+def trainable_key(cfg: Config) -> str:
+    """The state entry the optimizer trains: ``"params"`` (full fine-tuning) or ``"adapters"`` (LoRA)."""
+    return "adapters" if cfg.train.lora.enabled else "params"
+
+
+def abstract_trainable(cfg: Config):
+    """Boxed (logical axes) fp32 abstract tree of what the optimizer trains: the DiT params, or the LoRA adapters
+    of ``train.lora`` (boxed like their kernels)."""
+    boxed = dit.abstract_params(cfg.dit)
+    f32 = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32)  # noqa: E731
+    if not cfg.train.lora.enabled:
+        return jax.tree.map(f32, boxed)
+    lc = cfg.train.lora
+    ad = jax.eval_shape(lambda k: lora.init_adapters(boxed, lc.rank, lc.targets, key=k, init=lc.init),
+                        jax.random.key(0))
+    return lora.boxed(boxed, ad)
+
+
 def init_state(cfg: Config, params, optimizer) -> dict:
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    """``params``: the trainable tree (DiT params, or LoRA adapters: see :func:`trainable_key`)."""
+    state = {"step": jnp.zeros((), jnp.int32), trainable_key(cfg): params, "opt_state": optimizer.init(params)}
     if cfg.train.ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return state
 
 
 def state_shardings(cfg: Config, mesh, rules, optimizer) -> dict:
-    """Shardings of the train state: params by logical axes, optimizer moments like their params, scalars
-    replicated."""
-    ps = param_shardings(cfg, mesh, rules)
+    """Shardings of the train state: params (or adapters) by logical axes, optimizer moments like their params,
+    scalars replicated."""
+    boxed = abstract_trainable(cfg)
+    ps = sharding.param_shardings(boxed, mesh, rules)
     replicated = NamedSharding(mesh, P())
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), nn.unbox(
-        dit.abstract_params(cfg.dit)))
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(boxed))
     opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, s: s, abstract_opt, ps,
                                               transform_non_params=lambda _: replicated)
-    out = {"step": replicated, "params": ps, "opt_state": opt_sh}
+    out = {"step": replicated, trainable_key(cfg): ps, "opt_state": opt_sh}
     if cfg.train.ema_decay > 0:
         out["ema"] = ps
     return out
@@ -152,20 +177,26 @@ def state_shardings(cfg: Config, mesh, rules, optimizer) -> dict:
 
 def abstract_state(cfg: Config, mesh, rules, optimizer) -> dict:
     """``ShapeDtypeStruct`` tree (with shardings) of the train state: the restore target."""
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), nn.unbox(
-        dit.abstract_params(cfg.dit)))
-    shapes = jax.eval_shape(lambda p: init_state(cfg, p, optimizer), abstract_params)
+    shapes = jax.eval_shape(lambda p: init_state(cfg, p, optimizer), nn.unbox(abstract_trainable(cfg)))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(cfg, mesh, rules, optimizer))
 
 
 def create_state(cfg: Config, mesh, rules, optimizer, key=None, params=None) -> dict:
-    """A fresh sharded train state from random init (``key``) or given fp32 ``params``."""
+    """A fresh sharded train state from random init (``key``) or given fp32 ``params`` (with ``train.lora``: new
+    adapters, ``lora_b = 0``, from ``fold_in(key, 1)``, or the given adapters)."""
+    tk = trainable_key(cfg)
     sh = state_shardings(cfg, mesh, rules, optimizer)
     if params is None:
         key = jax.random.key(cfg.train.seed) if key is None else key
-        params = jax.jit(lambda k: nn.unbox(dit.init_params(cfg.dit, k)), out_shardings=sh["params"])(key)
-    params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), nn.unbox(params)), sh["params"])
+        if cfg.train.lora.enabled:
+            lc, boxed = cfg.train.lora, dit.abstract_params(cfg.dit)
+            init = lambda k: lora.init_adapters(boxed, lc.rank, lc.targets, key=jax.random.fold_in(k, 1),  # noqa
+                                                init=lc.init)
+        else:
+            init = lambda k: nn.unbox(dit.init_params(cfg.dit, k))  # noqa: E731
+        params = jax.jit(init, out_shardings=sh[tk])(key)
+    params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), nn.unbox(params)), sh[tk])
     return jax.jit(lambda p: init_state(cfg, p, optimizer), out_shardings=sh)(params)
 
 
@@ -179,6 +210,60 @@ def load_init_params(cfg: Config, mesh, rules):
     abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=x),
                             nn.unbox(dit.abstract_params(cfg.dit)), param_shardings(cfg, mesh, rules))
     return load_params(path, abstract)
+
+
+def abstract_base(cfg: Config, mesh, rules):
+    """``ShapeDtypeStruct`` tree (with shardings) of the frozen LoRA base: the DiT params in ``dit.param_dtype`` in
+    run-time form (``hcjax.dit.runtime_params``: sub-32-bit block weights as raw bits, fp8 kernels + scale with
+    ``dit.use_fp8``), sharded like the DiT (an fp8 kernel like its kernel, its per-layer scales replicated)."""
+    boxed = dit.abstract_params(cfg.dit)
+    shardings = lora._flatten(sharding.param_shardings(boxed, mesh, rules))
+    pdt = jnp.dtype(cfg.dit.param_dtype)
+    runtime = abstract_runtime_params(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, pdt), nn.unbox(boxed)),
+                                      cfg.dit)
+
+    def attach(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        stem, _, last = name.rpartition("/")
+        sh = shardings.get(stem if last == "fp8" else name, NamedSharding(mesh, P()))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(attach, runtime)
+
+
+def load_base(cfg: Config, mesh, rules, params=None):
+    """The frozen base of a LoRA run on ``mesh`` (:func:`abstract_base`): ``params`` if given, else the converted
+    weights of ``train.init_from``, else random init from ``key(train.seed)`` (tests, demos)."""
+    if cfg.dit.cpu_offload:
+        raise ConfigError("dit.cpu_offload is for sampling; LoRA training keeps the base on the devices (use "
+                          "dit.use_fp8 and dit.remat to save memory)")
+    target = abstract_base(cfg, mesh, rules)
+    pdt = jnp.dtype(cfg.dit.param_dtype)
+    plain = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(s.shape, pdt, sharding=x),
+                         nn.unbox(dit.abstract_params(cfg.dit)), param_shardings(cfg, mesh, rules))
+    if params is None and cfg.train.init_from:
+        path = cfg.train.init_from
+        errors, _ = dit_differences(to_dict(load_checkpoint_config(path))["dit"], cfg)
+        errors = [e for e in errors if not e.startswith(("dit.param_dtype", "dit.use_fp8"))]
+        if errors:
+            raise ConfigError(f"train.init_from={path}: the checkpoint's DiT differs from dit: " + "; ".join(errors))
+        params = load_params(path, plain)
+    elif params is None:
+        init = lambda k: jax.tree.map(lambda a: a.astype(pdt), nn.unbox(dit.init_params(cfg.dit, k)))  # noqa
+        params = jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, plain))(
+            jax.random.key(cfg.train.seed))
+    params = jax.tree.map(lambda a: jnp.asarray(a, pdt), nn.unbox(params))
+    return jax.device_put(dit.runtime_params(params, cfg.dit), jax.tree.map(lambda s: s.sharding, target))
+
+
+def lora_resume_errors(saved: dict, cfg: Config) -> list[str]:
+    """Settings that change the structure of a LoRA train state: LoRA on/off, rank, targets."""
+    old, new = saved.get("train", {}).get("lora", {}), cfg.train.lora
+    if old.get("rank", 0) != new.rank:
+        return [f"train.lora.rank: checkpoint {old.get('rank', 0)}, config {new.rank}"]
+    if new.enabled and old.get("targets") != new.targets:
+        return [f"train.lora.targets: checkpoint {old.get('targets')!r}, config {new.targets!r}"]
+    return []
 
 
 # ------------------------------------------------------------------------------------------- objective
@@ -203,8 +288,10 @@ def apply_dropout(batch: TrainBatch, null: dict, key, tc) -> TrainBatch:
     return batch.replace(**new)
 
 
-def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config):
-    """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32)."""
+def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config, adapters=None):
+    """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32). ``adapters``: the
+    DiT runs ``params`` with these LoRA adapters unmerged (``train.lora``: scale, dropout keyed ``fold_in(key,
+    3)``)."""
     tc = cfg.train
     x0 = batch.latents.astype(jnp.float32)
     b = x0.shape[0]
@@ -214,16 +301,25 @@ def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config):
     s = sigma.reshape(b, 1, 1, 1, 1)
     xt = (1.0 - s) * x0 + s * eps
     c = apply_dropout(batch, null, k_drop, tc)
-    v = dit.HunyuanDiT(cfg.dit).apply({"params": params}, xt, 1000.0 * sigma, c.text_states, c.text_mask,
-                                      c.text_states_2, ref_latents=c.ref_latents, bg_latents=c.bg_latents,
-                                      audio_features=c.audio_features)
+    args = (xt, 1000.0 * sigma, c.text_states, c.text_mask, c.text_states_2)
+    kw = dict(ref_latents=c.ref_latents, bg_latents=c.bg_latents, audio_features=c.audio_features)
+    model = dit.HunyuanDiT(cfg.dit)
+    if adapters is None:
+        v = model.apply({"params": params}, *args, **kw)
+    else:
+        lc = tc.lora
+        v = lora.apply(model, params, adapters, lc.scale, *args, dropout=lc.dropout,
+                       dropout_key=jax.random.fold_in(key, 3), **kw)
     loss = jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
     return loss, {"sigma_mean": jnp.mean(sigma)}
 
 
 def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: bool = False,
-                    compiler_options: dict | None = None) -> Callable:
+                    compiler_options: dict | None = None, base=None) -> Callable:
     """Jitted ``(state, batch, null) -> (state, metrics)`` with in/out shardings on ``mesh``, state donated.
+
+    With ``train.lora``: ``base`` is the frozen DiT (:func:`load_base`), passed to the compiled step as a fourth,
+    non-donated argument (``train_step.jitted(state, batch, null, base)``; ``base_shardings`` for AOT lowering).
 
     ``batch`` is a :class:`TrainBatch` of global arrays sharded on their leading axis (``act_batch``), ``null``
     (the :data:`NULL_KEYS` dict) is replicated.
@@ -232,21 +328,26 @@ def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: boo
     """
     rules = default_rules(cfg) if rules is None else rules
     tc = cfg.train
-    if cfg.dit.param_dtype != "float32":
+    use_lora, tk = tc.lora.enabled, trainable_key(cfg)
+    if cfg.dit.param_dtype != "float32" and not use_lora:
         raise ConfigError(f"dit.param_dtype={cfg.dit.param_dtype}: training keeps fp32 master params; set "
-                          "dit.param_dtype: float32 and choose the compute dtype with dit.dtype")
+                          "dit.param_dtype: float32 and choose the compute dtype with dit.dtype (a LoRA run, "
+                          "train.lora.rank > 0, may keep a bf16/fp8 base)")
     _, schedule = make_optimizer(tc)
     ema = tc.ema_decay
 
-    def step_fn(state, batch, null):
+    def step_fn(state, batch, null, *frozen):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(tc.seed), step)
-        (loss, aux), grads = jax.value_and_grad(flow_matching_loss, has_aux=True)(
-            state["params"], batch, null, key, cfg)
+        if use_lora:
+            loss_fn = lambda ad: flow_matching_loss(frozen[0], batch, null, key, cfg, adapters=ad)  # noqa: E731
+        else:
+            loss_fn = lambda p: flow_matching_loss(p, batch, null, key, cfg)  # noqa: E731
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[tk])
         gnorm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "opt_state": opt_state}
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state[tk])
+        params = optax.apply_updates(state[tk], updates)
+        new = {"step": step + 1, tk: params, "opt_state": opt_state}
         if ema > 0:
             new["ema"] = jax.tree.map(lambda e, p: e * ema + (1.0 - ema) * p, state["ema"], params)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
@@ -260,15 +361,18 @@ def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: boo
     b_sh, rep = batch_sharding(mesh, rules), NamedSharding(mesh, P())
     m_sh = {"loss": rep, "grad_norm": rep, "lr": rep, "finite": rep, "sigma_mean": rep}
     if with_grads:
-        m_sh["grads"] = s_sh["params"]
-    jitted = jax.jit(step_fn, in_shardings=(s_sh, b_sh, rep), out_shardings=(s_sh, m_sh), donate_argnums=(0,),
-                     compiler_options=compiler_options)
+        m_sh["grads"] = s_sh[tk]
+    base_sh = jax.tree.map(lambda s: s.sharding, abstract_base(cfg, mesh, rules)) if use_lora else None
+    jitted = jax.jit(step_fn, in_shardings=(s_sh, b_sh, rep) + ((base_sh,) if use_lora else ()),
+                     out_shardings=(s_sh, m_sh), donate_argnums=(0,), compiler_options=compiler_options)
 
     def train_step(state, batch, null):
+        if use_lora and base is None:
+            raise ValueError("make_train_step: train.lora is on; pass base=load_base(cfg, mesh, rules)")
         with mesh_context(mesh, rules, cfg):
-            return jitted(state, batch, null)
+            return jitted(state, batch, null, *((base,) if use_lora else ()))
 
-    train_step.jitted = jitted
+    train_step.jitted, train_step.base_shardings = jitted, base_sh
     return train_step
 
 
@@ -350,14 +454,18 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
     optimizer, _ = make_optimizer(tc)
     data_state: dict = {}
     if latest is not None:
-        for note in resume_differences(ckpts.config_dict(latest), cfg):
+        saved = ckpts.config_dict(latest)
+        if errors := lora_resume_errors(saved, cfg):
+            ckpts.close()
+            raise ConfigError("cannot resume: the config is incompatible with the checkpoint: " + "; ".join(errors))
+        for note in resume_differences(saved, cfg):
             log.warning("resuming with a changed setting: %s", note)
         state, data_state = ckpts.restore(latest, abstract_state(cfg, mesh, rules, optimizer))
         print_fn(f"resumed from step {latest} ({ckpts.directory})")
     else:
         if resume:
             print_fn(f"--resume: no checkpoint in {ckpts.directory} yet; starting at step 0")
-        params = load_init_params(cfg, mesh, rules) if tc.init_from else None
+        params = load_init_params(cfg, mesh, rules) if tc.init_from and not tc.lora.enabled else None
         state = create_state(cfg, mesh, rules, optimizer, params=params)
     start = int(jax.device_get(state["step"]))
     if start >= tc.steps:
@@ -368,7 +476,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
 
     loader = Loader(cfg, start_step=start, read_skips=int(data_state.get("read_skips", 0)))
     null = device_null(_null_conditioning(cfg, loader, encoders), mesh)
-    step_fn = make_train_step(cfg, optimizer, mesh, rules)
+    base = load_base(cfg, mesh, rules) if tc.lora.enabled else None
+    step_fn = make_train_step(cfg, optimizer, mesh, rules, base=base)
     metrics_log = MetricsLog(workdir)
     if loader.report.skipped:
         print_fn(f"data: {loader.report.summary()}")
@@ -409,6 +518,9 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
                 bar.update(1)
             if step % tc.save_every == 0 or step == tc.steps:
                 ckpts.save(step, state, loader.state(), cfg)
+            if tc.lora.enabled and step == tc.steps and jax.process_index() == 0:
+                path = lora.save_trained(workdir / lora.ADAPTER_FILE, state, cfg)
+                print_fn(f"LoRA adapter: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     finally:
         if bar is not None:
             bar.close()

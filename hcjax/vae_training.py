@@ -10,7 +10,12 @@ are VAE encodings of such images, which clips alone never show the VAE. AdamW wi
 (optax), one jitted step.
 
 Writes ``RUN/params`` (an hcjax checkpoint, :func:`hcjax.checkpoint.save_params`, whose config carries the
-measured ``vae.scaling_factor`` = 1 / std of the latent means over the data) and ``RUN/metrics.jsonl``.
+measured ``vae.scaling_factor`` = 1 / std of the latent means over the data), ``RUN/metrics.jsonl`` and, every
+``vae_train.save_every`` steps, ``RUN/checkpoints/<step>`` (:class:`hcjax.checkpoint.TrainCheckpoints`: params,
+optimizer state, step; the window sampler's RNG state as the data state; the newest ``vae_train.keep`` kept).
+``resume=True`` (``train.py --stage vae --resume``) continues from the latest one: the same windows, noise and
+updates as an uninterrupted run (the step key is ``fold_in(key(seed), step)``). A run with checkpoints refuses to
+start over without ``resume``; resuming with another ``vae:`` architecture is an error naming the fields.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +36,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import vae
-from .checkpoint import load_params, random_params, save_params
-from .config import Config
+from .checkpoint import TrainCheckpoints, load_params, random_params, save_params
+from .config import Config, ConfigError, to_dict
 from .data.sources import mask_videos
 from .media import decode_frames, probe
 
@@ -162,9 +168,27 @@ def measure_scaling(params, cfg: Config, clips: np.ndarray, max_clips: int = 64)
     return float(1.0 / np.concatenate(means).std())
 
 
-def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, progress: bool | None = None) -> Path:
+def abstract_state(cfg: Config, optimizer) -> dict:
+    """``ShapeDtypeStruct`` tree of the checkpointed state ``{"step", "params", "opt_state"}`` (restore target)."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(vae.abstract_params(cfg.vae)))
+    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+            "opt_state": jax.eval_shape(optimizer.init, params)}
+
+
+def _check_resumable(saved: dict, cfg: Config, where: Path) -> None:
+    """The checkpoint's ``vae:`` architecture must equal the config's (the measured scaling factor aside)."""
+    now = to_dict(cfg)["vae"]
+    old = saved.get("vae", {})
+    diff = [f"vae.{k}: checkpoint {old.get(k, '<missing>')!r}, config {v!r}" for k, v in now.items()
+            if k != "scaling_factor" and old.get(k, "<missing>") != v]
+    if diff:
+        raise ConfigError(f"cannot resume from {where}: the config's VAE differs: " + "; ".join(diff))
+
+
+def train_vae(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: Callable = print,
+              progress: bool | None = None) -> Path:
     """Train ``cfg.vae`` on ``cfg.vae_train`` (data: ``vae_train.data`` or ``train.data.path``); returns the
-    checkpoint dir ``workdir/params``."""
+    checkpoint dir ``workdir/params`` (module docstring: checkpoints and ``resume``)."""
     vc = cfg.vae_train
     workdir = Path(workdir)
     out = workdir / "params"
@@ -184,33 +208,56 @@ def train_vae(cfg: Config, workdir: str | Path, *, print_fn: Callable = print, p
     if refs is not None:
         print_fn(f"vae: {len(refs)} reference images, {vc.ref_fraction:.0%} of the windows")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if vc.init_from:
-        params = jax.tree.map(jnp.asarray, load_params(vc.init_from))
-        print_fn(f"vae: continuing from {vc.init_from}")
-    else:
-        params = init_params(cfg, vc.seed)
-    print_fn(f"vae: {vae.count_params(params) / 1e6:.2f}M parameters, {vc.steps} steps of batch {vc.batch_size} "
-             f"({vc.frames}x{vc.crop}x{vc.crop} windows{f', slices of {vc.microbatch}' if vc.microbatch else ''})")
     optimizer = make_optimizer(cfg)
-    opt_state = optimizer.init(params)
-    step = make_step(cfg, optimizer)
     rng = np.random.default_rng(vc.seed)
-    key = jax.random.key(vc.seed)
-    bar = tqdm(range(vc.steps), desc="vae", unit="step", disable=progress is False)
-    with (workdir / "metrics.jsonl").open("a") as metrics:
-        for i in bar:
-            x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop, refs, vc.ref_fraction)
-            params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(key, i))
-            if (i + 1) % vc.log_every == 0 or i + 1 == vc.steps:
-                m = {k: float(v) for k, v in m.items()}
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"vae training: non-finite loss at step {i + 1}: {m}")
-                metrics.write(json.dumps(dict(step=i + 1, time_s=time.perf_counter() - t0, **m)) + "\n")
-                metrics.flush()
-                bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.3f}")
-                if progress is False:
-                    print_fn(f"vae step {i + 1}: l1 {m['l1']:.4f} mse {m['mse']:.5f} kl {m['kl']:.3f}")
+    ckpts = TrainCheckpoints(workdir / "checkpoints", keep=vc.keep)
+    try:
+        latest = ckpts.latest_step()
+        if latest is not None and not resume:
+            raise FileExistsError(f"{ckpts.directory} already holds VAE checkpoints (latest step {latest}); pass "
+                                  "--resume to continue that run, or choose a new --workdir")
+        if latest is not None:
+            _check_resumable(ckpts.config_dict(latest), cfg, ckpts.directory)
+            state, data_state = ckpts.restore(latest, abstract_state(cfg, optimizer))
+            params, opt_state, start = state["params"], state["opt_state"], int(state["step"])
+            rng.bit_generator.state = data_state["rng"]
+            print_fn(f"vae: resumed from step {start} ({ckpts.directory})")
+        else:
+            if resume:
+                print_fn(f"--resume: no VAE checkpoint in {ckpts.directory} yet; starting at step 0")
+            if vc.init_from:
+                params = jax.tree.map(jnp.asarray, load_params(vc.init_from))
+                print_fn(f"vae: continuing from {vc.init_from}")
+            else:
+                params = init_params(cfg, vc.seed)
+            opt_state, start = optimizer.init(params), 0
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print_fn(f"vae: {vae.count_params(params) / 1e6:.2f}M parameters, {vc.steps} steps of batch "
+                 f"{vc.batch_size} ({vc.frames}x{vc.crop}x{vc.crop} windows"
+                 f"{f', slices of {vc.microbatch}' if vc.microbatch else ''})")
+        step = make_step(cfg, optimizer)
+        key = jax.random.key(vc.seed)
+        bar = tqdm(range(start, vc.steps), desc="vae", unit="step", disable=progress is False, initial=start,
+                   total=vc.steps)
+        with (workdir / "metrics.jsonl").open("a") as metrics:
+            for i in bar:
+                x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop, refs, vc.ref_fraction)
+                params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(key, i))
+                if (i + 1) % vc.log_every == 0 or i + 1 == vc.steps:
+                    m = {k: float(v) for k, v in m.items()}
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(f"vae training: non-finite loss at step {i + 1}: {m}; the last good "
+                                                 f"checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+                    metrics.write(json.dumps(dict(step=i + 1, time_s=time.perf_counter() - t0, **m)) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.3f}")
+                    if progress is False:
+                        print_fn(f"vae step {i + 1}: l1 {m['l1']:.4f} mse {m['mse']:.5f} kl {m['kl']:.3f}")
+                if (i + 1) % vc.save_every == 0 and i + 1 < vc.steps:
+                    ckpts.save(i + 1, {"step": np.int32(i + 1), "params": params, "opt_state": opt_state},
+                               {"rng": rng.bit_generator.state}, cfg)
+    finally:
+        ckpts.close()
     scale = measure_scaling(params, cfg, clips)
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale))
     save_params(out, jax.device_get(params), cfg)

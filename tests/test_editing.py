@@ -103,7 +103,7 @@ def test_prepare_pixels_background_and_mask():
     small = np.zeros((9, 16, 24, 3), np.uint8)
     small[:, 4:12, 6:18] = 255
     with pytest.warns(UserWarning, match="resizing the mask"):
-        _, ms = V.prepare_editing_pixels(video, small, expand_scale=0, mask_name="small_mask.mp4")
+        _, ms = V.prepare_editing_pixels(video, small, expand_scale=0, mask_name="small_mask.mp4", lenient=True)
     assert ms[0, 0, 8:24, 12:36].min() == 1.0 and ms[0, 0, :6].max() == -1.0
 
 
@@ -112,7 +112,7 @@ def test_prepare_pixels_bad_inputs():
     video = rng.integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
     mask = synthetic_mask_video(9)
     with pytest.warns(UserWarning) as rec:
-        bg, _ = V.prepare_editing_pixels(video, mask[:6], video_name="in.mp4", mask_name="m.mp4")
+        bg, _ = V.prepare_editing_pixels(video, mask[:6], video_name="in.mp4", mask_name="m.mp4", lenient=True)
     msgs = [str(r.message) for r in rec]
     assert any("in.mp4 has 9 frames but m.mp4 has 6" in m for m in msgs)
     assert any("in.mp4: 6 frames is not 4k+1; using the first 5" in m for m in msgs)
@@ -143,7 +143,7 @@ def test_editing_files(tmp_path):
     # different lengths: warning naming both files
     short = write_video(tmp_path / "short_mask.mp4", mask[:5], lossless=True)
     with pytest.warns(UserWarning, match="short_mask.mp4"):
-        bg5, _ = V.load_editing_pixels(vp, short)
+        bg5, _ = V.load_editing_pixels(vp, short, lenient=True)
     assert bg5.shape[1] == 5
     # unreadable / missing files
     bad = tmp_path / "broken.mp4"

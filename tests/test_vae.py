@@ -219,6 +219,57 @@ def test_conv3d_impls_match_torch_conv3d(shape, kernel, stride):
         vae.conv3d(jnp.asarray(x), jnp.asarray(w), stride, "im2col")
 
 
+@pytest.mark.parametrize("t,cout,stride", [(1, 6, (1, 1, 1)), (2, 6, (1, 1, 1)), (5, 6, (1, 1, 1)),
+                                           (5, 3, (1, 1, 1)), (4, 5, (1, 2, 2)), (5, 6, (2, 1, 1))])
+def test_causal_conv3d_matches_torch_replicate_padded_conv3d(t, cout, stride):
+    """The CPU path without a materialised time pad (per-tap 2D convs over all frames, delayed outputs; the taps
+    in the output channels when Co <= 4) against torch: first frame repeated twice in front, then conv3d.
+    Values and gradients; every impl."""
+    rng = np.random.default_rng(t + cout)
+    x = rng.standard_normal((2, t, 6, 7, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4, cout)).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 4, 1, 2, 3), requires_grad=True)
+    wt = torch.tensor(w.transpose(4, 3, 0, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.conv3d(torch.cat([xt[:, :, :1], xt[:, :, :1], xt], dim=2), wt, stride=stride)
+    (yt * torch.linspace(-1, 2, yt.numel()).reshape(yt.shape)).sum().backward()
+    ref = yt.detach().numpy().transpose(0, 2, 3, 4, 1)
+    wgt = np.linspace(-1, 2, ref.size, dtype=np.float32).reshape(yt.shape).transpose(0, 2, 3, 4, 1)
+    for impl in ("sum", "taps", "native"):
+        def f(a, b, impl=impl):
+            return vae.causal_conv3d(a, b, stride, 2, impl)
+        out = f(jnp.asarray(x), jnp.asarray(w))
+        gx, gw = jax.grad(lambda a, b: jnp.sum(f(a, b) * wgt), argnums=(0, 1))(x, w)
+        assert out.shape == ref.shape, impl
+        for got, want in ((out, ref), (gx, xt.grad.numpy().transpose(0, 2, 3, 4, 1)),
+                          (gw, wt.grad.numpy().transpose(2, 3, 4, 1, 0))):
+            assert err(got, want) <= 2e-6 * np.abs(want).max(), impl
+
+
+def test_group_norm_single_pass_stats_masked_and_offset():
+    """GroupNorm's one-pass (shifted) statistics against a float64 numpy GroupNorm: channels with a large common
+    offset (mean 300, std 1: a plain E[x^2] - E[x]^2 in fp32 would lose the variance), and a padded input whose
+    statistics must cover the valid prefix only (garbage beyond it)."""
+    rng = np.random.default_rng(0)
+    b, t, h, w, c, g = 2, 3, 5, 4, 8, 4
+    x = (300.0 + rng.standard_normal((b, t, h, w, c)) * np.linspace(0.5, 2, c)).astype(np.float32)
+    scale, bias = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+
+    def ref(v):
+        v = v.astype(np.float64).reshape(*v.shape[:4], g, c // g)
+        mu = v.mean(axis=(1, 2, 3, 5), keepdims=True)
+        var = v.var(axis=(1, 2, 3, 5), keepdims=True)
+        return (((v - mu) / np.sqrt(var + 1e-6)).reshape(*v.shape[:4], c) * scale + bias)
+
+    gn = vae.GroupNorm(g)
+    p = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    assert err(gn.apply(p, x), ref(x)) <= 2e-4
+    padded = np.full((b, t + 2, h + 3, w + 1, c), 1e4, np.float32)
+    padded[:, :t, :h, :w] = x
+    out = np.asarray(gn.apply(p, padded, (jnp.int32(t), jnp.int32(h), jnp.int32(w))))
+    assert err(out[:, :t, :h, :w], ref(x)) <= 2e-4
+    assert np.isfinite(out).all()
+
+
 # --------------------------------------------------------------------------------------------- attention
 
 

@@ -18,10 +18,12 @@ the mean when no ``key`` is given (the original samples with torch's global RNG)
 fill is not implemented.
 
 Input checks (errors and warnings name the files): unreadable or empty videos; a frame size that is not a
-multiple of 16; mask and video of different lengths (warning; the first ``min`` frames are used, as in the
-original); different frame sizes (warning and resize as the original if the aspect ratio agrees, error if not);
-a frame count that is not ``4k+1`` (warning; trailing frames dropped, the causal VAE needs ``4k+1``); a mask that
-is not black/white (error when more than ``MAX_GRAY_FRACTION`` of its pixels are mid-gray 64..191).
+multiple of 16; a mask of another length or frame size than the video (error; the original silently truncates to
+the shorter one and resizes the mask, which gives a truncated or misaligned edit: ``lenient=True`` restores that
+with a warning); a mask with no white pixel (error: nothing to edit); a frame count that is not ``4k+1``
+(warning; trailing frames dropped, the causal VAE needs ``4k+1``); a mask that is not black/white (error when
+more than ``MAX_GRAY_FRACTION`` of its pixels are mid-gray 64..191). :func:`check_editing_files` runs the checks
+that need no model (headers, and the mask's content) before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..media import read_video
+from ..media import probe, read_video
 from ..vae import encode_video
 
 DILATE_ITERATIONS = 3
@@ -96,11 +98,48 @@ def gray_fraction(mask_frames: np.ndarray, size_hw: tuple[int, int]) -> float:
 # ------------------------------------------------------------------------------------------- pixels
 
 
+def check_mask_agrees(video_shape, mask_shape, video_name: str = "video", mask_name: str = "mask",
+                      lenient: bool = False) -> None:
+    """A mask of ``[M, h', w', ...]`` frames belongs to a video of ``[N, h, w, ...]``: same frame count and size
+    (``lenient``: warnings, and an error only for a different aspect ratio, as the original resizes)."""
+    n, h, w = video_shape[:3]
+    m, mh, mw = mask_shape[:3]
+    if (mh, mw) != (h, w):
+        if not lenient or abs(mw / mh - w / h) > 0.01 * (w / h):
+            raise ValueError(f"{mask_name} is {mw}x{mh} but {video_name} is {w}x{h}: the mask must have the video's "
+                             "frame size" + ("" if lenient else " (resize it to match)"))
+        warnings.warn(f"{mask_name} is {mw}x{mh} but {video_name} is {w}x{h}; resizing the mask (bilinear) to the "
+                      "video size as the original does", stacklevel=3)
+    if m != n:
+        if not lenient:
+            raise ValueError(f"{video_name} has {n} frames but {mask_name} has {m}: the mask needs one frame per "
+                             "video frame")
+        warnings.warn(f"{video_name} has {n} frames but {mask_name} has {m}; using the first {min(n, m)} of each "
+                      "as the original does", stacklevel=3)
+
+
+def check_mask_content(mask: np.ndarray, mask_name: str = "mask") -> None:
+    """A mask whose every pixel is below the threshold selects nothing: an error."""
+    if not np.any(np.asarray(mask) > THRESHOLD):
+        raise ValueError(f"{mask_name} is all black: it marks no region to edit (white = the region to replace)")
+
+
+def check_editing_files(video_path: str | Path, mask_path: str | Path, lenient: bool = False) -> None:
+    """Before any model is loaded: both videos readable, the mask's frame count and size equal the video's, and
+    the mask marks some region (the mask is decoded; the input video only probed)."""
+    info = probe(video_path)
+    mask = read_video(mask_path)
+    check_mask_agrees((info.frames, info.height, info.width), mask.shape, str(video_path), str(mask_path), lenient)
+    check_mask_content(mask, str(mask_path))
+
+
 def prepare_editing_pixels(video: np.ndarray, mask: np.ndarray, expand_scale: int = 5, *,
                            video_name: str = "video", mask_name: str = "mask",
-                           max_gray_fraction: float | None = MAX_GRAY_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """``uint8`` RGB video ``[N, h, w, 3]`` and mask video ``[M, h', w', 3 or 1]`` -> (background, mask) pixel
-    tensors ``float32 [1, F, h, w, 3]`` in [-1, 1] with ``F`` = the largest ``4k+1 <= min(N, M)``."""
+                           max_gray_fraction: float | None = MAX_GRAY_FRACTION,
+                           lenient: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``uint8`` RGB video ``[N, h, w, 3]`` and mask video ``[N, h, w, 3 or 1]`` -> (background, mask) pixel
+    tensors ``float32 [1, F, h, w, 3]`` in [-1, 1] with ``F`` = the largest ``4k+1 <= N`` (``lenient``: masks of
+    another length or size as the original takes them, see the module docstring)."""
     video, mask = np.asarray(video), np.asarray(mask)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
         raise ValueError(f"{video_name}: expected uint8 RGB frames [N, h, w, 3]; got {video.dtype} {video.shape}")
@@ -112,16 +151,8 @@ def prepare_editing_pixels(video: np.ndarray, mask: np.ndarray, expand_scale: in
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise ValueError(f"{video_name}: frame size {w}x{h} must be a multiple of {SIZE_MULTIPLE} in both "
                          "directions (the editing path neither resizes nor crops the video); resize it first")
-    mh, mw = mask.shape[1:3]
-    if (mh, mw) != (h, w):
-        if abs(mw / mh - w / h) > 0.01 * (w / h):
-            raise ValueError(f"{mask_name} is {mw}x{mh} but {video_name} is {w}x{h}: the aspect ratios differ, so "
-                             "the mask cannot belong to this video")
-        warnings.warn(f"{mask_name} is {mw}x{mh} but {video_name} is {w}x{h}; resizing the mask (bilinear) to the "
-                      "video size as the original does", stacklevel=2)
-    if mask.shape[0] != n:
-        warnings.warn(f"{video_name} has {n} frames but {mask_name} has {mask.shape[0]}; using the first "
-                      f"{min(n, mask.shape[0])} of each as the original does", stacklevel=2)
+    check_mask_agrees(video.shape, mask.shape, video_name, mask_name, lenient)
+    check_mask_content(mask, mask_name)
     count = min(n, mask.shape[0])
     frames = (count - 1) // 4 * 4 + 1
     if frames != count:
@@ -142,12 +173,13 @@ def prepare_editing_pixels(video: np.ndarray, mask: np.ndarray, expand_scale: in
 
 
 def load_editing_pixels(video_path: str | Path, mask_path: str | Path, expand_scale: int = 5,
-                        max_gray_fraction: float | None = MAX_GRAY_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+                        max_gray_fraction: float | None = MAX_GRAY_FRACTION,
+                        lenient: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read the input and mask mp4 files and run :func:`prepare_editing_pixels` (errors name the files)."""
     video = read_video(video_path)
     mask = read_video(mask_path)
     return prepare_editing_pixels(video, mask, expand_scale, video_name=str(video_path), mask_name=str(mask_path),
-                                  max_gray_fraction=max_gray_fraction)
+                                  max_gray_fraction=max_gray_fraction, lenient=lenient)
 
 
 # ------------------------------------------------------------------------------------------- latents

@@ -3,7 +3,7 @@
 * :mod:`.models`   model configs: :class:`DiTConfig`, :class:`VAEConfig`, :class:`LlamaConfig`,
                    :class:`ClipVisionConfig`, :class:`ClipTextConfig`, :class:`LlavaConfig`, :class:`WhisperConfig`
 * :mod:`.run`      run configs: :class:`MeshConfig` (+ :func:`check_mesh`), :class:`DataConfig`,
-                   :class:`TrainConfig`, :class:`VAETrainConfig`, :class:`SampleConfig`, the top-level :class:`Config`
+                   :class:`TrainConfig` (+ :class:`LoraConfig`), :class:`VAETrainConfig`, :class:`SampleConfig`, the top-level :class:`Config`
 * :mod:`.loading`  :func:`load_config`, :func:`preset`, :func:`apply_overrides`, :func:`from_dict`, :func:`to_dict`
 
 Every YAML file in ``configs/`` maps onto :class:`Config`. Unknown keys are an error naming the key and the file.
@@ -17,11 +17,14 @@ from .models import (
     ATTENTION_IMPLS, REMAT_POLICIES, ClipTextConfig, ClipVisionConfig, DiTConfig, LlamaConfig, LlavaConfig,
     VAEConfig, WhisperConfig,
 )
-from .run import Config, DataConfig, MeshConfig, SampleConfig, TrainConfig, VAETrainConfig, check_mesh
+from .run import (
+    DEFAULT_LORA_TARGETS, Config, DataConfig, LoraConfig, MeshConfig, SampleConfig, TrainConfig, VAETrainConfig,
+    check_mesh,
+)
 
 __all__ = [
     "ATTENTION_IMPLS", "DTYPES", "PRESET_DIR", "REMAT_POLICIES", "ClipTextConfig", "ClipVisionConfig", "Config",
-    "ConfigError", "DataConfig", "DiTConfig", "LlamaConfig", "LlavaConfig", "MeshConfig", "SampleConfig",
-    "TrainConfig", "VAEConfig", "VAETrainConfig", "WhisperConfig", "apply_overrides", "check_mesh",
-    "config_from_json", "from_dict", "load_config", "preset", "to_dict",
+    "ConfigError", "DEFAULT_LORA_TARGETS", "DataConfig", "DiTConfig", "LlamaConfig", "LlavaConfig", "LoraConfig",
+    "MeshConfig", "SampleConfig", "TrainConfig", "VAEConfig", "VAETrainConfig", "WhisperConfig", "apply_overrides",
+    "check_mesh", "config_from_json", "from_dict", "load_config", "preset", "to_dict",
 ]

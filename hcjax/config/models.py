@@ -54,8 +54,9 @@ class DiTConfig:
     attention_block_q: int = 512        # chunked attention block sizes
     attention_block_kv: int = 512
     # how attention splits the token axis over the mesh `sequence` axis (hcjax.attention); no effect without one.
-    # A later `ulysses_degree: int` can split it as Ulysses x ring (hybrid); today it is one or the other.
     sequence_parallel: str = "ulysses"  # ulysses | ring | auto (ulysses when the heads allow it, else ring)
+    ulysses_degree: int = 0             # U > 0: Ulysses in groups of U x ring across sequence/U groups (hybrid USP;
+                                        # U = sequence: pure Ulysses, 1: pure ring); 0: sequence_parallel decides
     attention_interpret: bool = False   # splash: run the Pallas kernel in interpret mode (CPU tests)
     remat: str = "none"                 # nn.remat policy for scanned blocks
     norm_eps: float = 1e-6
@@ -89,6 +90,9 @@ class DiTConfig:
         if self.sequence_parallel not in SEQUENCE_PARALLEL:
             raise ConfigError(f"{where}.sequence_parallel={self.sequence_parallel!r}; expected one of "
                               f"{SEQUENCE_PARALLEL}")
+        if self.ulysses_degree < 0:
+            raise ConfigError(f"{where}.ulysses_degree={self.ulysses_degree} must be >= 0 (0: sequence_parallel "
+                              "decides; U > 0: Ulysses groups of U x ring)")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"{where}.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         check_dtypes(self, where)

@@ -1,9 +1,10 @@
-"""Run configs: the device mesh (and its check against the DiT), training data, DiT and VAE training, sampling
-defaults, and the top-level :class:`Config` whose sections are the YAML file's top-level keys."""
+"""Run configs: the device mesh (and its check against the DiT), training data, DiT and VAE training (full or
+LoRA), sampling defaults, and the top-level :class:`Config` whose sections are the YAML file's top-level keys."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 from ..axes import AXES, RING_KERNELS, RULE_SETS
@@ -47,7 +48,8 @@ def check_mesh(mesh_cfg: MeshConfig, dit_cfg: DiTConfig, shape: tuple[int, ...] 
     """Validate mesh degrees against the DiT (heads, MLP width, attention kernel and ``dit.sequence_parallel``).
 
     ``shape``: the resolved degrees (default: the config's, ``-1`` read as 1). Returns the sequence-parallel mode
-    attention will use (``ulysses`` or ``ring``), or None without a sequence axis."""
+    attention will use (``ulysses``, ``ring`` or ``hybrid`` with ``dit.ulysses_degree``), or None without a
+    sequence axis."""
     shape = shape or tuple(max(s, 1) for s in mesh_cfg.shape)
     named = dict(zip(AXES, shape))
     tp, sp = named["tensor"], named["sequence"]
@@ -60,6 +62,18 @@ def check_mesh(mesh_cfg: MeshConfig, dit_cfg: DiTConfig, shape: tuple[int, ...] 
     if sp == 1:
         return None
     local = heads // tp
+    u = dit_cfg.ulysses_degree
+    if u:
+        if sp % u:
+            raise ConfigError(f"dit.ulysses_degree={u} must divide mesh.sequence={sp} (Ulysses groups of {u} x ring "
+                              f"across sequence/{u} groups; valid: {[d for d in range(1, sp + 1) if sp % d == 0]})")
+        if local % u:
+            raise ConfigError(f"dit.ulysses_degree={u} must divide the {local} heads per tensor shard ({heads} heads "
+                              f"/ tensor {tp})")
+        if u < sp and dit_cfg.attention not in RING_KERNELS:
+            raise ConfigError(f"dit.ulysses_degree={u} < mesh.sequence={sp} runs ring attention across the groups, "
+                              f"which needs dit.attention in {RING_KERNELS} (got {dit_cfg.attention!r})")
+        return "ulysses" if u == sp else "ring" if u == 1 else "hybrid"
     ulysses_ok = local % sp == 0
     ring_ok = dit_cfg.attention in RING_KERNELS
     mode = dit_cfg.sequence_parallel
@@ -132,6 +146,46 @@ class DataConfig:
             raise ConfigError(f"{where}: need workers >= 0, threads >= 1 and prefetch >= 0")
 
 
+# default LoRA targets (``re.fullmatch`` over DiT module paths): the attention qkv/proj and MLP linears of the
+# double and single blocks; modulations, refiner, embedders and final layer excluded (musubi-tuner's choice)
+DEFAULT_LORA_TARGETS = (r"(double_blocks/(img|txt)_(attn_qkv|attn_proj|mlp/fc1|mlp/fc2)"
+                        r"|single_blocks/(linear1_qkv|linear1_mlp|linear2_attn|linear2_mlp))")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA training (``train.lora``; ``hcjax.lora``): ``rank > 0`` trains adapters on the frozen DiT (off by
+    default). The adapted Dense computes ``W x + (alpha / rank) * b(a(dropout(x)))``."""
+
+    rank: int = 0                      # 0: full fine-tuning
+    alpha: float = 0.0                 # scale alpha / rank (0: alpha = rank, scale 1)
+    targets: str = DEFAULT_LORA_TARGETS
+    dropout: float = 0.0               # dropout on each adapted Dense's LoRA input (per layer, per step)
+    init: str = "gaussian"             # gaussian (a ~ N(0, 1/rank)) | kaiming (peft's default); b = 0 either way
+
+    INITS: typing.ClassVar[tuple[str, ...]] = ("gaussian", "kaiming")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank if self.rank else 1.0
+
+    def validate(self, where: str = "train.lora") -> None:
+        if self.rank < 0 or self.alpha < 0:
+            raise ConfigError(f"{where}: need rank >= 0 (0: off) and alpha >= 0 (0: alpha = rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout={self.dropout} must be in [0, 1)")
+        if self.init not in self.INITS:
+            raise ConfigError(f"{where}.init={self.init!r}; expected one of {self.INITS}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"{where}.targets={self.targets!r} is not a regular expression: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Flow-matching training (``hcjax.training``, ``train.py``)."""
@@ -160,6 +214,7 @@ class TrainConfig:
     keep: int = 3                      # checkpoints kept
     async_save: bool = True
     data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
 
     LR_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("cosine", "constant")
     SAMPLING: typing.ClassVar[tuple[str, ...]] = ("logit_normal", "uniform")
@@ -182,6 +237,7 @@ class TrainConfig:
         if not 0.0 <= self.end_lr_ratio <= 1.0:
             raise ConfigError(f"{where}.end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
         self.data.validate(f"{where}.data")
+        self.lora.validate(f"{where}.lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +263,11 @@ class VAETrainConfig:
     finetune_steps: int = 0            # demo build: a second run continuing the first (fresh optimizer, seed + 1)
     finetune_learning_rate: float = 1e-3
     microbatch: int = 0                # windows per forward/backward pass, gradients averaged (0 : the whole batch)
+    save_every: int = 500              # checkpoint every N steps (RUN/checkpoints; train.py --stage vae --resume)
+    keep: int = 2                      # newest checkpoints kept
 
     def validate(self, where: str = "vae_train") -> None:
-        for f in ("steps", "batch_size", "frames", "crop", "log_every"):
+        for f in ("steps", "batch_size", "frames", "crop", "log_every", "save_every", "keep"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"{where}.{f}={getattr(self, f)} must be >= 1")
         if (self.frames - 1) % 4:

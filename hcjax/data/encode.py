@@ -13,7 +13,9 @@ step. :func:`precompute` (behind ``python -m hcjax.precompute``) samples one tra
 
 ``OUT/null.npz`` holds the unconditional text conditioning (negative branch: empty prompt, 'person', white image,
 spec 3.4) used for text dropout, and ``ref_{h}x{w}``: white-image latents per bucket (image dropout, spec 2.1).
-``OUT/index.json`` is written last, so an interrupted run leaves no usable (half) dataset.
+Everything is written into a temporary sibling ``.OUT.partial-<pid>`` renamed to ``OUT`` at the end: a run
+that fails or is interrupted leaves nothing behind (and blocks no rerun), and ``overwrite`` replaces an old
+dataset only once the new one is complete.
 
 Editing (``dit.video_condition``): the clip's own window is the target; its mask video (white = the subject's
 region, :mod:`.sources`) goes through the sampling path's mask processing (:func:`hcjax.conditioning.video.
@@ -239,12 +241,26 @@ def precompute(cfg: Config, data_dir: str | Path, out: str | Path, *, text_encod
     if occupied and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     enc = Encoders(cfg, text_encoders)       # bad settings fail before anything is deleted
-    if occupied:
-        shutil.rmtree(out)
     clips, report = sources.scan_raw(dc, cfg.llava.item_name, cfg.dit.audio_condition, root=data_dir,
                                      need_mask=cfg.dit.video_condition)
     if not clips:
         raise ValueError(f"no usable clips in {data_dir} ({report.summary()})")
+    tmp = out.absolute().with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        index = _write_dataset(cfg, enc, clips, report, data_dir, tmp)
+        if out.exists():
+            shutil.rmtree(out)               # --overwrite (or an empty directory): replaced only now, complete
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _write_dataset(cfg: Config, enc: "Encoders", clips, report, data_dir, out: Path) -> dict:
+    """Encode ``clips`` into the (temporary) directory ``out``; returns the index."""
+    dc = cfg.train.data
     reader = pipeline.RawReader(dc, clips, cfg.clip_vision.image_size)
     (out / "clips").mkdir(parents=True)
     entries, read_errors = [], 0

@@ -44,7 +44,8 @@ def _attend(cfg: DiTConfig, q, k, v, kv_lengths):
     q, k, v = (constrain(a, ACT_HEADS) for a in (q, k, v))
     out = attn_lib.dot_product_attention(
         q, k, v, kv_lengths=kv_lengths, impl=cfg.attention, block_q=cfg.attention_block_q,
-        block_kv=cfg.attention_block_kv, sequence_parallel=cfg.sequence_parallel, interpret=cfg.attention_interpret,
+        block_kv=cfg.attention_block_kv, sequence_parallel=cfg.sequence_parallel, ulysses_degree=cfg.ulysses_degree,
+        interpret=cfg.attention_interpret,
     )
     return constrain(out, ACT_HEADS)
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import dit, vae
+from .. import dit, sharding, vae
 from ..checkpoint import load_checkpoint_config, load_params, random_params
 from ..conditioning import clip, llava, whisper
 from ..config import PRESET_DIR, Config, apply_overrides, load_config
-from ..pipeline import Models
+from ..pipeline import Models, place
 from .original import ORIGINAL_DIT, ORIGINAL_PRESET, convert_original, is_original, variant_of
 from .text import load_text_encoders
 
@@ -113,32 +113,44 @@ def resolve(source: str | Path | None = None, config: str | Path | None = None, 
                             f"models/ download ({', '.join(ORIGINAL_DIT.values())}/...)")
 
 
-def load_bundle(d: str | Path, overrides=(), cfg: Config | None = None) -> Models:
-    """An hcjax bundle directory (module docstring); ``cfg`` (default: the DiT's config.json + overrides)."""
+def load_bundle(d: str | Path, overrides=(), cfg: Config | None = None, mesh=None, mesh_cfg=None) -> Models:
+    """An hcjax bundle directory (module docstring); ``cfg`` (default: the DiT's config.json + overrides). With
+    ``mesh`` the DiT and the text towers are restored straight into their shardings (nothing whole on one device)."""
     d = Path(d)
     for c in COMPONENTS:
         if not (d / c / "config.json").is_file():
             raise FileNotFoundError(f"{d}: missing hcjax checkpoint {c}/ (config.json + params/)")
     cfg = cfg or apply_overrides(load_checkpoint_config(d / "dit"), overrides)
-    text = load_text_encoders(d / "llava", d / "clip", cfg)
+    text = load_text_encoders(d / "llava", d / "clip", cfg, mesh=mesh)
+    dit_target = None
+    if mesh is not None and not (cfg.dit.use_fp8 or cfg.dit.cpu_offload):
+        dit_target = sharding.abstract_sharded(dit.abstract_params(cfg.dit), mesh, sharding.rules_for(mesh_cfg))
     wp = fe = None
     if cfg.dit.audio_condition:
         if not (d / "whisper" / "config.json").is_file():
             raise FileNotFoundError(f"{d}: the audio DiT needs whisper/ (hcjax checkpoint + preprocessor_config.json)")
         wp, fe = load_params(d / "whisper"), whisper.feature_extractor(d / "whisper")
-    return Models(cfg, load_params(d / "dit"), load_params(d / "vae"), text, wp, fe)
+    return Models(cfg, load_params(d / "dit", dit_target), load_params(d / "vae"), text, wp, fe)
 
 
 def load(source: str | Path | Source | None = None, config: str | Path | None = None, overrides=(),
-         variant: str | None = None, seed: int = 0) -> Models:
-    """Everything sampling needs from ``source`` (a :class:`Source` from :func:`resolve`, or its arguments)."""
+         variant: str | None = None, seed: int = 0, *, mesh=None, mesh_cfg=None) -> Models:
+    """Everything sampling needs from ``source`` (a :class:`Source` from :func:`resolve`, or its arguments);
+    with ``mesh`` the DiT and text params are placed on it (:func:`hcjax.pipeline.place`, rules of ``mesh_cfg``)."""
     src = source if isinstance(source, Source) else resolve(source, config, overrides, variant, seed)
+    if mesh is not None:
+        if src.cfg.dit.use_fp8 or src.cfg.dit.cpu_offload:
+            raise ValueError("sampling on a mesh with dit.use_fp8 / dit.cpu_offload is not supported (one-device "
+                             "memory options); drop --use-fp8 / --cpu-offload or run on one device")
     if src.kind == "random":
         models = random_models(src.cfg, src.seed)
     elif src.kind == "original":
-        models = load_bundle(convert_original(src.path, src.variant, cfg=src.cfg), cfg=src.cfg)
+        models = load_bundle(convert_original(src.path, src.variant, cfg=src.cfg), cfg=src.cfg, mesh=mesh,
+                             mesh_cfg=mesh_cfg)
     else:
-        models = load_bundle(src.path, cfg=src.cfg)
+        models = load_bundle(src.path, cfg=src.cfg, mesh=mesh, mesh_cfg=mesh_cfg)
+    if mesh is not None:
+        return place(models, mesh, mesh_cfg)
     if src.cfg.dit.use_fp8 or src.cfg.dit.cpu_offload:      # fp8 block weights / host-resident block stacks
         models.dit = dit.runtime_params(models.dit, src.cfg.dit)
     return models

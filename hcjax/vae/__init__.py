@@ -8,7 +8,7 @@ latents ``[B, t, h, w, C]`` (channels-last).
 
 from .api import decode_latents, encode_moments, encode_posterior, encode_video
 from .checks import validate_latents, validate_video
-from .layers import CausalConv3d, Conv, GroupNorm, Valid, conv3d, frame_causal_attention
+from .layers import CausalConv3d, Conv, GroupNorm, Valid, causal_conv3d, conv3d, frame_causal_attention
 from .model import (
     Attention, AutoencoderKLCausal3D, Decoder, Encoder, MidBlock, ResnetBlock, abstract_params, block_plan,
     count_params, init_params, split_moments, unwrap_params, vae_config,
@@ -17,8 +17,8 @@ from .tiling import tile_fn, tiled_decode, tiled_moments, tiling_constants
 
 __all__ = [
     "Attention", "AutoencoderKLCausal3D", "CausalConv3d", "Conv", "Decoder", "Encoder", "GroupNorm", "MidBlock",
-    "ResnetBlock", "Valid", "abstract_params", "block_plan", "conv3d", "count_params", "decode_latents",
-    "encode_moments", "encode_posterior", "encode_video", "frame_causal_attention", "init_params",
+    "ResnetBlock", "Valid", "abstract_params", "block_plan", "causal_conv3d", "conv3d", "count_params",
+    "decode_latents", "encode_moments", "encode_posterior", "encode_video", "frame_causal_attention", "init_params",
     "split_moments", "tile_fn", "tiled_decode", "tiled_moments", "tiling_constants", "unwrap_params",
     "validate_latents", "validate_video", "vae_config",
 ]

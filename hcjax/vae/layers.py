@@ -9,6 +9,10 @@ cover the valid region only.
 The mid-block attention is frame-causal (a token of frame i sees every token of frames <= i). It never
 builds an ``[L, L]`` mask: a ``lax.scan`` over key frames updates an online softmax for all queries, so
 the working set is ``[B, T*HW, HW]`` scores per step. GroupNorm and softmax run in fp32.
+
+CPU lowering (selected by backend; accelerators keep XLA's native 3D convolution): each temporal tap is a 2D
+convolution over all frames and the causal time pad is applied to the tap outputs (``causal_conv3d``), which
+is 3-7x faster on XLA:CPU than a 3D convolution or one 2D convolution over taps folded into channels.
 """
 
 from __future__ import annotations

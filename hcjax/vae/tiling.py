@@ -1,9 +1,9 @@
 """Tiled encode/decode of the 3D causal VAE (spec 4.5), run on the host.
 
 Tiling runs as a loop over ONE compiled tile function per direction and batch size: every tile is padded to
-the same fixed shape and carries its valid extent ``(t, h, w)``; the masked model (replicate padding read
-through clamped indices, GroupNorm statistics and attention keys restricted to the valid region) gives the
-valid region exactly what the unpadded tile would give. Invalid trailing frames need no mask in the convs and
+the same fixed shape and carries its valid extent ``(t, h, w)``; the masked model (replicate padding that
+repeats the last valid element, GroupNorm statistics and attention keys restricted to the valid region) gives
+the valid region exactly what the unpadded tile would give. Invalid trailing frames need no mask in the convs and
 attention because both are causal in time. Blending (fp32, numpy) follows the original's in-place, row-major
 order on full (uncropped) neighbour tiles; only the blend tails of neighbours are kept, so device memory is one
 tile's working set whatever the video length or resolution.

@@ -32,6 +32,7 @@ if __name__ == "__main__":
     phase("import")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
@@ -40,13 +41,18 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hcjax import memory  # noqa: E402
+from hcjax import lora, memory  # noqa: E402
 from hcjax import models as M  # noqa: E402
 from hcjax import sharding  # noqa: E402
+from hcjax.calibrate_cache import default_ratios_path, load_ratios  # noqa: E402
+from hcjax.scheduler import CACHE_MODES, DEFAULT_THRESHOLDS  # noqa: E402
+from hcjax.conditioning import pose  # noqa: E402
 from hcjax.conditioning.video import check_editing_files  # noqa: E402
 from hcjax.media import read_image, write_video  # noqa: E402
 from hcjax.runtime import enable_compilation_cache, initialize_distributed, is_main_process  # noqa: E402
-from hcjax.pipeline import Request, decode, denoise, compile_denoise, prepare, validate_request  # noqa: E402
+from hcjax.pipeline import (  # noqa: E402
+    MAX_SUBJECTS, Request, compile_denoise, decode, denoise, prepare, validate_request,
+)
 
 FROM_MODEL = "default: the model's sample.{}"
 
@@ -54,16 +60,21 @@ FROM_MODEL = "default: the model's sample.{}"
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--ref-image", default=None, help="reference image of the subject (" + FROM_MODEL.format("ref_image") + ")")
+    a("--ref-image", nargs="+", default=None, metavar="IMAGE", help="reference image of the subject, or 2-4 images "
+      "for several subjects (one per subject; " + FROM_MODEL.format("ref_image") + ")")
     a("--pos-prompt", default=None, help=FROM_MODEL.format("pos_prompt"))
     a("--neg-prompt", default=None, help=FROM_MODEL.format("neg_prompt"))
-    a("--item-name", default=None, help="subject name in '\\nThe {name} looks like<image>' (" +
-      FROM_MODEL.format("item_name") + ")")
+    a("--item-name", nargs="+", default=None, metavar="NAME", help="subject name in '\\nThe {name} looks "
+      "like<image>', one per --ref-image image (" + FROM_MODEL.format("item_name") + ")")
     a("--input-audio", default=None, help="audio file (audio checkpoint)")
     a("--audio-strength", type=float, default=None, help=FROM_MODEL.format("audio_strength"))
     a("--input-video", default=None, help="video to edit (editing checkpoint)")
     a("--mask-video", default=None, help="mask video of the region to replace (editing checkpoint)")
     a("--expand-scale", type=int, default=None, help=FROM_MODEL.format("expand_scale"))
+    a("--pose-enhance", action="store_true", help="editing: DWPose skeletons of the input video drawn into the "
+      "masked region (human videos; needs the ONNX files in --dwpose-dir)")
+    a("--dwpose-dir", default=pose.DEFAULT_DIR, help=f"directory with {pose.DETECTOR_FILE} and {pose.POSE_FILE} "
+      "(default: %(default)s)")
     a("--video-size", type=int, nargs=2, default=None, metavar=("H", "W"), help=FROM_MODEL.format("video_size"))
     a("--sample-n-frames", type=int, default=None, help="4k+1 frames (" + FROM_MODEL.format("frames") + ")")
     a("--infer-steps", type=int, default=None, help=FROM_MODEL.format("steps"))
@@ -71,7 +82,15 @@ def parse(argv=None):
     a("--cfg-scale", type=float, default=None, help=FROM_MODEL.format("cfg_scale"))
     a("--ip-cfg-scale", type=float, default=None, help="image guidance, image model only; 0 = off (" +
       FROM_MODEL.format("ip_cfg_scale") + ")")
-    a("--use-deepcache", type=int, default=None, choices=[0, 1], help=FROM_MODEL.format("use_deepcache"))
+    a("--use-deepcache", type=int, default=None, choices=[0, 1], help=FROM_MODEL.format("use_deepcache") +
+      "; 0 = --cache none")
+    a("--cache", default=None, choices=CACHE_MODES, help="step cache: deepcache (the original's fixed schedule at "
+      "30 steps; default), teacache / magcache (adaptive: skip the block stacks while the estimated change stays "
+      "under --cache-threshold), none (every step in full)")
+    a("--cache-threshold", type=float, default=None, help="teacache/magcache threshold (default "
+      + ", ".join(f"{k} {v}" for k, v in DEFAULT_THRESHOLDS.items()) + "; 0 = dense; larger = fewer full steps)")
+    a("--cache-ratios", default=None, help="magcache: calibrated ratios (default: magcache_ratios.json beside the "
+      "weights, written by python -m hcjax.calibrate_cache)")
     a("--seed", type=int, default=None, help=FROM_MODEL.format("seed"))
     a("--save-path", default="outputs", help="output directory")
     a("--output-name", default=None, help="file name stem (default: <time>_seed<seed>_<random>); never overwrites")
@@ -103,20 +122,44 @@ def parse(argv=None):
     a("--process-id", type=int, default=None, help="multi-process: this process's index (0 writes the files)")
     a("--distributed", choices=("auto",), default=None, help="auto: jax.distributed on TPU pods / SLURM / Open MPI "
       "(the cluster gives coordinator, count and index)")
+    a("--lora", nargs="+", default=[], metavar="FILE", help="LoRA adapter file(s) (hcjax format: train.py with "
+      "train.lora, or python -m convert_weights lora); several are summed")
+    a("--lora-scale", type=float, nargs="+", default=None, metavar="S", help="strength per --lora file (or one for "
+      "all; default 1)")
+    a("--lora-mode", choices=("merged", "unmerged"), default="merged", help="merged: W + s*a@b computed once in fp32 "
+      "and rounded to the params' dtype (default); unmerged: the adapters run beside the kernels (fp8 base)")
     a("--no-compile-cache", action="store_true", help="do not use the persistent XLA compilation cache "
       "($HCJAX_CACHE_DIR, default ~/.cache/hcjax/xla)")
     a("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
+def subjects(args) -> tuple:
+    """``(ref_image, item_name)`` of the request: one value each for one subject, lists for 2-4 (multi-subject);
+    ``ValueError`` when there are more than 4 images or the name count differs from the image count."""
+    refs, names = args.ref_image, args.item_name
+    refs = refs[0] if isinstance(refs, list) and len(refs) == 1 else refs
+    names = names[0] if isinstance(names, list) and len(names) == 1 else names
+    k = len(refs) if isinstance(refs, list) else 1
+    if k > MAX_SUBJECTS:
+        raise ValueError(f"--ref-image takes 1 to {MAX_SUBJECTS} images (one per subject); got {k}")
+    n = len(names) if isinstance(names, list) else 1
+    if names is not None and n != k:
+        raise ValueError(f"--item-name: give one name per --ref-image image; got {n} name(s) for {k} image(s)")
+    return refs, names
+
+
 def request_from_args(args, sample_cfg) -> Request:
+    ref_image, item_name = subjects(args)
     return Request.from_config(
-        sample_cfg, ref_image=args.ref_image, pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt,
-        item_name=args.item_name, video_size=args.video_size, frames=args.sample_n_frames, steps=args.infer_steps,
+        sample_cfg, ref_image=ref_image, pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt,
+        item_name=item_name, video_size=args.video_size, frames=args.sample_n_frames, steps=args.infer_steps,
         flow_shift=args.flow_shift_eval_video, cfg_scale=args.cfg_scale, ip_cfg_scale=args.ip_cfg_scale,
         use_deepcache=None if args.use_deepcache is None else bool(args.use_deepcache), seed=args.seed,
+        cache=getattr(args, "cache", None), cache_threshold=getattr(args, "cache_threshold", None),
         input_audio=args.input_audio, audio_strength=args.audio_strength, input_video=args.input_video,
-        mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps)
+        mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps,
+        pose_enhance=args.pose_enhance or None, dwpose_dir=args.dwpose_dir)
 
 
 def memory_overrides(args) -> list[str]:
@@ -130,7 +173,8 @@ def memory_overrides(args) -> list[str]:
 JSON_FIELDS = {"ref_image": str, "pos_prompt": str, "neg_prompt": str, "item_name": str, "input_audio": str,
                "audio_strength": float, "input_video": str, "mask_video": str, "expand_scale": int,
                "video_size": "HW", "sample_n_frames": int, "infer_steps": int, "flow_shift_eval_video": float,
-               "cfg_scale": float, "ip_cfg_scale": float, "use_deepcache": int, "seed": int, "fps": int,
+               "cfg_scale": float, "ip_cfg_scale": float, "use_deepcache": int, "cache": str,
+               "cache_threshold": float, "seed": int, "fps": int,
                "output_name": str, "num_images": int}
 FILE_FLAGS = {"ref_image": "--ref-image", "input_audio": "--input-audio", "input_video": "--input-video",
               "mask_video": "--mask-video"}
@@ -186,12 +230,18 @@ def plan_requests(args, src) -> list[tuple[Request, str | None]]:
             if ns.num_images is None or ns.num_images < 1:
                 raise ValueError(f"--num-images {ns.num_images} must be >= 1")
             for name, flag in FILE_FLAGS.items():
-                path = getattr(ns, name)
-                if path is not None and not Path(path).is_file():
-                    raise FileNotFoundError(f"{f'field {name!r}' if label else flag} {path}: file not found")
+                for path in (lambda v: v if isinstance(v, list) else [v])(getattr(ns, name)):
+                    if path is not None and not Path(path).is_file():
+                        raise FileNotFoundError(f"{f'field {name!r}' if label else flag} {path}: file not found")
             if ns.output_name is not None and (not ns.output_name or Path(ns.output_name).name != ns.output_name):
                 raise ValueError(f"--output-name {ns.output_name!r}: give a plain file name stem (no directories)")
             req = request_from_args(ns, src.cfg.sample)
+            req.guidance()                                  # checks the cache mode / threshold
+            if req.cache == "magcache":
+                ratios = getattr(ns, "cache_ratios", None) or default_ratios_path(src)
+                if ratios is None:
+                    raise ValueError("--cache magcache with random weights: pass --cache-ratios FILE")
+                req = dataclasses.replace(req, cache_ratios=load_ratios(ratios))
             validate_request(src.cfg, req)
             check_before_load(ns, src, req)
         except (ValueError, FileNotFoundError) as e:
@@ -265,10 +315,12 @@ def reserve_name(out_dir: Path, stem: str | None, seed: int) -> Path:
 def check_before_load(args, src, req) -> None:
     """Cheap checks before any weight is read: the reference image decodes, the editing videos agree, and the
     memory estimate fits the machine (:mod:`hcjax.memory`)."""
-    if req.ref_image is not None:
-        read_image(req.ref_image)                      # ValueError naming the file: corrupt, truncated, empty
+    for image in req.ref_images():
+        read_image(image)                              # ValueError naming the file: corrupt, truncated, empty
     if req.input_video is not None:
         check_editing_files(req.input_video, req.mask_video)
+    if req.pose_enhance:
+        pose.model_files(req.dwpose_dir)               # FileNotFoundError naming the missing ONNX files
     if src.kind == "random":
         text = Path(args.config).read_text(errors="replace")
         empty = not any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines())
@@ -325,6 +377,9 @@ def run(args) -> list[Path]:
     phase("load")
     t0 = time.perf_counter()
     models = M.load(src, mesh=mesh, mesh_cfg=mesh_cfg)
+    if args.lora:
+        models.dit = lora.for_sampling(models.dit, args.lora, args.lora_scale, args.lora_mode)
+        placement = dict(placement, lora=list(args.lora), lora_scale=args.lora_scale, lora_mode=args.lora_mode)
     load_s = time.perf_counter() - t0
     written = []
     for req, stem in jobs:
@@ -333,7 +388,8 @@ def run(args) -> list[Path]:
         prep = prepare(models, req)
         phase("compile")
         t1 = time.perf_counter()
-        compile_denoise(models, prep, report_steps=True)
+        with lora.lora_scope() if args.lora and args.lora_mode == "unmerged" else contextlib.nullcontext():
+            compile_denoise(models, prep, report_steps=True)      # unmerged: traced with the LoRA interceptor
         timings["compile_s"] = time.perf_counter() - t1
         phase("denoise")
         with tqdm(total=len(prep.sigmas) - 1, desc="denoising", unit="step", disable=not main) as bar:

@@ -2,6 +2,10 @@
 
     python train.py --config configs/train_tiny.yaml --workdir RUN [--set a.b=value ...] [--resume]
     python train.py --config configs/demo.yaml --stage vae --workdir RUN_VAE    # the VAE, from scratch
+    python train.py --config CFG --workdir RUN --set train.lora.rank=32 --set train.init_from=BASE   # LoRA
+
+LoRA (``train.lora.rank > 0``, docs/lora.md): adapters only on the frozen base; checkpoints hold the adapters and
+the last step writes ``RUN/adapter.safetensors`` for ``sample.py --lora``.
 
 Data: ``train.data.path`` is a dataset written by ``python -m hcjax.precompute`` (``train.data.mode:
 precomputed``, what large runs use) or a raw directory of mp4 + JSON clips (``mode: raw``, encoded online).
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # orbax logs an interrupted save wait with a traceback before re-raising it: the one line is ours (--debug: all)
+    logging.getLogger("absl").setLevel(logging.ERROR if args.debug else logging.CRITICAL)
     return run_cli(lambda: run(args), debug=args.debug, codes={NonFiniteError: 3, FloatingPointError: 3})
 
 

@@ -5,6 +5,7 @@
     python benchmarks/aot_memory.py --case train          # 544x960x129 train step, 64 devices (fsdp=8 x sequence=8)
     python benchmarks/aot_memory.py --case infer1         # ONE device: one CFG denoise step, bf16 | fp8 | fp8+offload
     python benchmarks/aot_memory.py --case infer1 --variant fp8 --cfg-batch 1 --height 544 --width 960
+    python benchmarks/aot_memory.py --case vae [--vae-untiled]   # VAE decode at 720p: one tile (tiled decode)
 
 * ``infer``: the DiT forward of one denoising step at 720x1280, 129 frames (33 latent frames, 45x80 patches:
   122 400 video+reference tokens) + 831 text tokens, CFG batch 2, bf16 parameters and activations, Ulysses over
@@ -20,6 +21,13 @@
   ``fp8+offload`` (block stacks in pinned host memory; the reported bytes are the device-resident ones:
   arguments + outputs + temporaries minus the host-resident parameters). Last line per run:
   ``infer1 <variant>: <bytes> bytes per device``.
+
+* ``vae``: one device, the VAE decode of a ``--frames x --height x --width`` video (default 129x720x1280) as
+  ``hcjax.vae.tiled_decode`` runs it: ONE compiled tile function (fixed tile shape: 17 latent frames x 32 x 32
+  latents -> 65 x 256 x 256 pixels) called per tile from the host, which blends the tiles in numpy (host memory).
+  The device peak is that one tile's (weights + tile + working set), independent of the video size; printed
+  next to the untiled decode of the whole latent for comparison (``--vae-untiled``; slow to compile at 720p).
+  Last line: ``vae decode tile: <bytes> bytes per device``.
 
 Everything is ``jax.ShapeDtypeStruct`` with shardings; ``jit(...).lower(...).compile()`` then
 ``compiled.memory_analysis()`` (per device: the partitioned SPMD program). Each case runs in a subprocess with
@@ -43,17 +51,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # importing jax does not start a backend: each case's subprocess sets XLA_FLAGS (fake device count) before it does
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from hcjax import dit, pipeline  # noqa: E402
+from hcjax import dit, pipeline, vae  # noqa: E402
 from hcjax import sharding as S  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.dit import audio_feature_shape  # noqa: E402
 from hcjax.dit.storage import STACKS, abstract_runtime_params  # noqa: E402
-CASES = {"infer": 8, "train": 64, "infer1": 1}
+CASES = {"infer": 8, "train": 64, "infer1": 1, "vae": 1}
 VARIANTS = ("bf16", "fp8", "fp8+offload")
 DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp, sequence, tensor)
 GB = 1e9
@@ -206,6 +215,35 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
     print(f"infer1 {variant}: {total - host} bytes per device", flush=True)
 
 
+def _child_vae(height: int, width: int, frames: int, preset_name: str, untiled: bool) -> None:
+    c = vae.vae_config(preset(preset_name))
+    k = vae.tiling_constants(c)
+    s, r = c.spatial_compression_ratio, c.time_compression_ratio
+    lt, lh, lw = (frames - 1) // r + 1, height // s, width // s
+    params = vae.abstract_params(c)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(params))
+    n_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params))
+    tile = (1, min(lt, k["tile_lat_t"] + 1), min(lh, k["tile_lat"]), min(lw, k["tile_lat"]), c.latent_channels)
+    runs = [("tile", vae.tile_fn(c, "decode"), (params, jax.ShapeDtypeStruct(tile, jnp.float32),
+                                              jax.ShapeDtypeStruct((3,), jnp.int32)))]
+    if untiled:
+        whole = jax.jit(lambda p, z: vae.AutoencoderKLCausal3D(c).apply({"params": p}, z, method="decode"))
+        runs.append(("untiled", whole, (params, jax.ShapeDtypeStruct((1, lt, lh, lw, c.latent_channels),
+                                                                      jnp.float32))))
+    print(f"[vae] 1 CPU device; decode {frames}x{height}x{width} (latent {lt}x{lh}x{lw}); params "
+          f"{n_bytes / GB:.2f} GB {c.param_dtype}, compute {c.dtype}; tile latent {tile[1:4]}", flush=True)
+    for name, fn, args in runs:
+        t0 = time.perf_counter()
+        m = fn.lower(*args).compile().memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        print(f"[vae {name}] lower+compile {time.perf_counter() - t0:.1f} s; arguments "
+              f"{m.argument_size_in_bytes / GB:.3f} GB, output {m.output_size_in_bytes / GB:.3f} GB, temporaries "
+              f"{m.temp_size_in_bytes / GB:.3f} GB, total {total / GB:.3f} GB", flush=True)
+        if name == "tile":
+            last = f"vae decode tile: {total} bytes per device"
+    print(last, flush=True)
+
+
 def _large_gathers(hlo: str, threshold: int) -> list[str]:
 
     out = []
@@ -255,9 +293,13 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=129, help="infer1: video frames")
     ap.add_argument("--cfg-batch", type=int, default=0, help="infer1: guidance branches per DiT pass (0 = all)")
     ap.add_argument("--ffn-chunk", type=int, default=8192, help="infer1: dit.ffn_chunk (tokens, 0 = off)")
+    ap.add_argument("--vae-untiled", action="store_true", help="vae: also compile the untiled whole decode")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.case == "vae":
+        _child_vae(args.height, args.width, args.frames, args.preset, args.vae_untiled)
+        return 0
     if args.child and args.case == "infer1":
         _child_infer1(args.variant, args.height, args.width, args.frames, args.text_len, args.block, args.cfg_batch,
                       args.ffn_chunk, args.preset)
@@ -276,6 +318,9 @@ def main() -> int:
                "--sequence-parallel", args.sequence_parallel, "--preset", args.preset]
         cmd += ["--mesh", *map(str, args.mesh)] if args.mesh else []
         runs = [cmd]
+        if case == "vae":
+            runs = [[*cmd, "--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
+                     *(["--vae-untiled"] if args.vae_untiled else [])]]
         if case == "infer1":
             cmd += ["--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
                     "--cfg-batch", str(args.cfg_batch), "--ffn-chunk", str(args.ffn_chunk)]

@@ -4,6 +4,7 @@ Reads names, shapes and dtypes only (``torch.load(mmap=True, weights_only=True)`
 tensor data; safetensors: the JSON header), detects the component and variant, and validates the names/shapes
 against the matching hcjax table, printing every mismatch. For an fp8 DiT (float8 tensors) it reports the float8
 tensors and whether the scale map (``X_map.pt`` beside ``X.pt``, or ``--fp8-map``) exists and covers them.
+A truncated or corrupt file is an error starting with ``broken checkpoint:`` (exit 2 from the CLI).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from .rules import ConversionError
 
 def inspect_file(file: str, key: str | None = None, fp8_map: str | None = None) -> str:
     path = Path(file)
-    sd = dit.open_state_dict(path, key)
+    try:
+        sd = dit.open_state_dict(path, key)
+    except ValueError as e:                 # truncated / corrupt: the readers name the file and the problem
+        raise ValueError(f"broken checkpoint: {e}") from None
     shapes = sd.shapes()
     dtypes = sd.dtypes()
     n_params = 0

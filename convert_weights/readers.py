@@ -5,11 +5,16 @@ them, so converting a large checkpoint never holds two full copies. bf16 / fp8 t
 their integer bit patterns into ``ml_dtypes`` numpy dtypes (no fp32 round trip). Every mapping also has
 ``shapes()`` / ``dtypes()`` (metadata only) and ``path`` (the file it came from, for error messages);
 ``float8_keys`` lists the float8 tensors of a state dict from that metadata.
+
+Broken files fail when opened, with a ``ValueError`` naming the file: a safetensors header that is not JSON or
+lists tensors beyond the end of the file (a truncated download) or whose byte ranges do not match their shapes;
+a ``.pt`` that is empty, truncated or not a PyTorch checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,16 +31,43 @@ _ST_DTYPES = {
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes: too short)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        if n > 100_000_000 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a mapping)")
     header.pop("__metadata__", None)
+    _check_layout(path, header, size - 8 - n)
     return header, 8 + n
+
+
+def _check_layout(path: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor's byte range lies inside the file and matches its shape and dtype (a truncated file fails)."""
+    end, wrong = 0, []
+    for k, info in header.items():
+        try:
+            a, b = (int(x) for x in info["data_offsets"])
+            shape, dt = [int(d) for d in info["shape"]], _ST_DTYPES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry {k!r}: {info!r}") from None
+        if dt is not None and b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize or b < a:
+            wrong.append(k)
+        end = max(end, b)
+    if end > data_bytes:
+        raise ValueError(f"{path}: truncated: the header lists {end:,} bytes of tensor data but the file holds "
+                         f"{data_bytes:,} (re-download or re-copy it)")
+    if wrong:
+        raise ValueError(f"{path}: corrupt safetensors header: byte ranges do not match the shapes of "
+                         f"{len(wrong)} tensors ({', '.join(wrong[:5])})")
 
 
 class SafetensorsDict(Mapping):
@@ -112,11 +144,19 @@ def _torch_load(path: Path):
         import torch
     except ImportError as e:  # pragma: no cover - torch is a conversion dependency
         raise ImportError("reading .pt checkpoints needs torch: pip install 'hcjax[test]'") from e
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Legacy (non-zip) files cannot be memory-mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Legacy (non-zip) files cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot read the PyTorch checkpoint ({size:,} bytes): truncated, corrupt or not "
+                         f"a torch.save file ({first[:200]})") from None
 
 
 def _select(obj: Any, key: str | None, path: Path) -> Mapping:

@@ -3,7 +3,9 @@
 A table maps every hcjax parameter (a ``/``-joined Flax path) to one or more PyTorch state-dict keys and a
 transform (layout change, slicing, fusing). ``layers > 0`` stacks that many per-layer tensors (``{i}`` in the
 key) along a new leading axis, the scan axis of ``nn.scan``. Both entry points fail, naming the keys, on any
-missing, unused or mis-shaped tensor, and on any hcjax parameter that no rule produces.
+missing, unused or mis-shaped tensor, and on any hcjax parameter that no rule produces; :func:`apply_rules` also
+on a source tensor that is not floating point (e.g. int32 where a weight belongs: never silently promoted) and on
+a converted parameter holding NaN/Inf (also after a ``dtype`` cast that overflows).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 
@@ -157,6 +160,22 @@ def _validate_table(rules: Sequence[Rule], expected: Mapping[str, tuple[int, ...
     return problems
 
 
+FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16,
+                                     ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
+
+
+class _BadDtype(Exception):
+    pass
+
+
+def all_finite(a) -> bool:
+    """No NaN/Inf in ``a`` (checked one leading slice at a time: no full-size temporary)."""
+    a = np.asarray(a)
+    if a.ndim < 2:
+        return bool(np.isfinite(a).all())
+    return all(bool(np.isfinite(x).all()) for x in a)
+
+
 def _run(rules, source_keys, load, expected, what, dtype=None):
     problems = _validate_table(rules, expected, what)
     available = set(source_keys)
@@ -172,7 +191,15 @@ def _run(rules, source_keys, load, expected, what, dtype=None):
     if problems:
         raise ConversionError("\n".join(problems))
     out: dict[str, Any] = {}
-    bad_shapes = []
+    bad_shapes, bad_dtypes, non_finite = [], [], []
+    raw_load = load
+
+    def load(k):
+        v = raw_load(k)
+        if not isinstance(v, jax.ShapeDtypeStruct) and np.dtype(v.dtype) not in FLOAT_DTYPES:
+            raise _BadDtype(f"{k} ({np.dtype(v.dtype)})")
+        return v
+
     for r in rules:
         try:
             if r.layers:
@@ -180,6 +207,9 @@ def _run(rules, source_keys, load, expected, what, dtype=None):
                 value = stack(per, axis=0)
             else:
                 value = r.transform(*[load(k) for k in r.keys])
+        except _BadDtype as e:
+            bad_dtypes.append(str(e))
+            continue
         except (ValueError, TypeError, IndexError) as e:
             bad_shapes.append(f"{r.flax_path} <- {', '.join(r.keys)}: {e}")
             continue
@@ -190,7 +220,17 @@ def _run(rules, source_keys, load, expected, what, dtype=None):
             continue
         if dtype is not None and not isinstance(value, jax.ShapeDtypeStruct):
             value = np.asarray(value).astype(dtype, copy=False)
+        if not isinstance(value, jax.ShapeDtypeStruct) and not all_finite(value):
+            non_finite.append(f"{r.flax_path} <- {', '.join(r.keys)}")
+            continue
         out[r.flax_path] = value
+    if bad_dtypes:
+        raise ConversionError(_format_list(f"{what}: tensors that are not floating point where a weight belongs "
+                                           "(a corrupt or foreign checkpoint?)", bad_dtypes, limit=10))
+    if non_finite:
+        raise ConversionError(_format_list(f"{what}: tensors with NaN/Inf values" + (
+            f" (after the cast to {np.dtype(dtype).name}: out of range?)" if dtype is not None else ""),
+            non_finite, limit=10))
     if bad_shapes:
         raise ConversionError(_format_list(f"{what}: mis-shaped tensors", bad_shapes, limit=10))
     return out

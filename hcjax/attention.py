@@ -296,21 +296,11 @@ def _flash_update(q, k, v, key_offset, kv_lengths, state, block_q: int, block_kv
         qi, init = args[0], args[1:]
 
         def step(carry, inp):
-            m, l, acc = carry
             kj, vj, j = inp
             s = jnp.einsum("bnqd,bnkd->bnqk", qi, kj, preferred_element_type=jnp.float32) * scale
             local = j * bk + jnp.arange(bk)
             valid = (local < lk)[None, :] & ((key_offset + local)[None, :] < kv_lengths[:, None])   # [B, bk]
-            valid = valid[:, None, None, :]
-            s = jnp.where(valid, s, _NEG)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            l = l * alpha + p.sum(axis=-1)
-            acc = acc * alpha[..., None] + jnp.einsum(
-                "bnqk,bnkd->bnqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
-            )
-            return (m_new, l, acc), None
+            return _fold(carry, s, valid[:, None, None, :], vj, "bnqk,bnkd->bnqd"), None
 
         out, _ = jax.lax.scan(jax.checkpoint(step), init, (kb, vb, jnp.arange(nk)))
         return out
@@ -322,11 +312,70 @@ def _flash_update(q, k, v, key_offset, kv_lengths, state, block_q: int, block_kv
     return m, l, acc
 
 
+def _fold(carry, s, valid, vj, pv: str):
+    """One online-softmax step: fold fp32 scores ``s [B, N, bq, bk]`` (``valid``: broadcastable mask) and the
+    values ``vj`` (contracted with the probabilities, cast to ``vj``'s dtype, by ``pv``) into ``(m, l, acc)``."""
+    m, l, acc = carry
+    s = jnp.where(valid, s, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + p.sum(axis=-1)
+    acc = acc * alpha[..., None] + jnp.einsum(pv, p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+
+def _bits(x):
+    """Sub-32-bit floats as same-width unsigned ints: XLA:CPU slices a bf16 array by converting all of it to fp32."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return x
+
+
+def _unbits(x, dtype):
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv"))
 def chunked_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int = 512):
-    """Online-softmax attention over key blocks, one query block at a time. Scores in fp32."""
-    state = _flash_update(q, k, v, 0, kv_lengths.astype(jnp.int32), _init_state(q), block_q, block_kv)
-    return _finish(state, q.dtype)
+    """Online-softmax attention over key blocks, one query block at a time; scores and statistics in fp32.
+
+    Memory beyond q, k, v and the output (both in the input dtype, never padded, copied or transposed whole) is
+    one query block's state: a ``fori_loop`` over query blocks slices ``q`` (``[B, bq, N, K]``), scans the key
+    blocks (sliced from ``k, v`` inside the step), normalises and writes the block into the output in the input
+    dtype. Lengths that the blocks do not divide: the last block starts at ``L - block`` (queries: recomputes rows of
+    the previous block identically; keys: the positions already folded are masked), so nothing is padded.
+    """
+    b, lq, n, d = q.shape
+    lk = k.shape[1]
+    bq, bk = min(block_q, lq), min(block_kv, lk)
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    lens = kv_lengths.astype(jnp.int32)
+    scale = d ** -0.5
+    qr, kr, vr = _bits(q), _bits(k), _bits(v)
+
+    def take(raw, start, size, dtype):
+        return _unbits(jax.lax.dynamic_slice_in_dim(raw, start, size, 1), dtype)
+
+    def q_block(i, out):
+        q0 = jnp.minimum(i * bq, lq - bq)
+        qi = take(qr, q0, bq, q.dtype)                                     # [B, bq, N, K]
+
+        def step(carry, j):
+            k0 = jnp.minimum(j * bk, lk - bk)
+            kj, vj = take(kr, k0, bk, k.dtype), take(vr, k0, bk, v.dtype)   # [B, bk, N, K]
+            s = jnp.einsum("bqnd,bknd->bnqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            pos = k0 + jnp.arange(bk)
+            valid = (pos >= j * bk)[None, :] & (pos[None, :] < lens[:, None])   # [B, bk]; overlap: folded
+            return _fold(carry, s, valid[:, None, None, :], vj, "bnqk,bknd->bnqd"), None
+
+        state, _ = jax.lax.scan(jax.checkpoint(step), _init_state(qi), jnp.arange(nk))
+        return jax.lax.dynamic_update_slice_in_dim(out, _bits(_finish(state, q.dtype)), q0, 1)
+
+    out = jnp.zeros(qr.shape, qr.dtype)
+    vary = _varying_axes(q)                            # inside shard_map: the loop carry varies like q
+    out = jax.lax.pcast(out, vary, to="varying") if vary else out
+    return _unbits(jax.lax.fori_loop(0, nq, q_block, out), q.dtype)
 
 
 # ------------------------------------------------------------------------------------------- splash

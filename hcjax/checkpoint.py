@@ -15,9 +15,11 @@ the one source of random weights (the embedded random models, the demo's text to
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -61,14 +63,70 @@ def load_checkpoint_config(path: str | Path) -> Config:
 
 
 def load_params(path: str | Path, abstract: Any = None) -> Any:
-    """Restore params; ``abstract`` (tree of ``jax.ShapeDtypeStruct`` with shardings) places them directly."""
+    """Restore params; ``abstract`` (tree of ``jax.ShapeDtypeStruct`` with shardings) places them directly.
+    A checkpoint whose tensor files are truncated or corrupt is a ``ValueError`` naming ``path``."""
     path = Path(path).absolute()
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"{path}: not an hcjax checkpoint (missing params/)")
     ckptr = ocp.StandardCheckpointer()
-    if abstract is None:
-        return ckptr.restore(path / "params")
-    return ckptr.restore(path / "params", jax.tree.map(_as_struct, abstract))
+    try:
+        if abstract is None:
+            return ckptr.restore(path / "params")
+        return ckptr.restore(path / "params", jax.tree.map(_as_struct, abstract))
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:           # orbax / tensorstore errors of many types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _drop_failed_reads()
+        raise ValueError(f"{path}: cannot restore the hcjax checkpoint (params/ truncated, corrupt or of another "
+                         f"model?): {type(e).__name__}: {first[:300]}") from None
+
+
+def _drop_failed_reads() -> None:
+    """After a failed restore, orbax's other (never awaited) read coroutines hold the same error: finalise them
+    now, without their "Exception ignored in <coroutine ...>" tracebacks: the one error line says it all."""
+    hook = sys.unraisablehook
+
+    def quiet(u):
+        if not (type(u.object).__name__ == "coroutine" and isinstance(u.exc_value, Exception)):
+            hook(u)
+
+    sys.unraisablehook = quiet
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+
+# Config sections that set each bundle component's parameters, and fields in them that only change execution.
+COMPONENT_SECTIONS = {"dit": ("dit",), "vae": ("vae",), "llava": ("llama", "clip_vision"), "clip": ("clip_text",),
+                      "whisper": ("whisper",)}
+_EXECUTION_ONLY = {"dtype", "param_dtype", "sample_size", "sample_tsize", "tile_overlap_factor", "attention",
+                   "attention_block_q", "attention_block_kv", "sequence_parallel", "attention_interpret", "remat",
+                   "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk"}
+
+
+def check_bundle_configs(bundle: str | Path, cfg: Config, components) -> None:
+    """Before restoring a bundle: each component's ``config.json`` agrees with ``cfg`` (the DiT's config) in the
+    sections that set that component's parameters; else a ``ValueError`` naming the component and the fields
+    (a bundle assembled from runs of different configs)."""
+    bundle, want = Path(bundle), to_dict(cfg)
+    for comp in components:
+        f = bundle / comp / "config.json"
+        try:
+            have = to_dict(config_from_json(f.read_text()))       # older files: missing fields get defaults
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
+            raise ValueError(f"{f}: unreadable component config ({e})") from None
+        diff = []
+        for sec in COMPONENT_SECTIONS.get(comp, ()):
+            a, b = have.get(sec, {}), want.get(sec, {})
+            diff += [f"{sec}.{k}: {comp}/ {a.get(k, '<missing>')!r}, dit/ {b.get(k)!r}" for k in sorted(b)
+                     if k not in _EXECUTION_ONLY and a.get(k, "<missing>") != b.get(k)]
+        if diff:
+            raise ValueError(f"{bundle}: the {comp}/ component was made for another config than dit/config.json ("
+                             + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
+                             + "); rebuild the bundle with python -m hcjax.export")
 
 
 def random_params(spec: Callable | Any, seed: int, std: float | None = 0.02) -> Any:

@@ -3,6 +3,7 @@
 Ports the small modules of HunyuanVideo's ``hymm_sp/modules`` (``embed_layers.py``, ``mlp_layers.py``,
 ``modulate_layers.py``, ``norm_layers.py``). Tokens are ``[B, L, D]``; video is channels-last ``[B, T, H, W, C]``.
 Norms, timestep sinusoids and modulation arithmetic run in fp32; matmuls in the configured compute dtype.
+``token_chunks`` runs a token-wise function a chunk of tokens at a time (``dit.ffn_chunk``; PatchEmbed, blocks).
 """
 
 from __future__ import annotations
@@ -101,6 +102,72 @@ class Dense(nn.Module):
             bias = self.param("bias", logical(nn.initializers.zeros, self.axes[n_in:]), feats, self.param_dtype)
             y = y + gathered(bias.astype(dtype), self.axes[n_in:])
         return y
+
+
+def _bits(a):
+    """Sub-32-bit floats as same-width unsigned integers (XLA:CPU slices bf16 by converting the whole operand)."""
+    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4:
+        return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * jnp.dtype(a.dtype).itemsize}"))
+    return a
+
+
+def _unbits(a, dtype):
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
+def concat(xs, axis: int = 1):
+    """``jnp.concatenate`` on the bits of sub-32-bit floats (XLA:CPU concatenates bf16 in fp32, and may keep an
+    fp32 copy of an operand alive, e.g. hoisted out of the CFG loop)."""
+    dtype = xs[0].dtype
+    return _unbits(jnp.concatenate([_bits(x.astype(dtype)) for x in xs], axis=axis), dtype)
+
+
+def token_chunks(fn, chunk: int, *xs, axes=None, out_len: int | None = None):
+    """``fn(*xs)`` computed ``chunk`` tokens at a time (``cfg.ffn_chunk``; 0 = one call on all tokens).
+
+    ``fn`` must treat tokens independently; ``xs`` carry the tokens on ``axes`` (default 1 for all), every output
+    on axis 1. A ``fori_loop`` slices the inputs and writes each chunk's outputs into full-length buffers, so only
+    a chunk of the wide intermediates ([tokens, 4D] MLP hidden, fp32 norm/modulate copies) is alive. The last
+    chunk starts at ``L - chunk`` (it overlaps the previous one and rewrites identical values), so no padding.
+
+    ``n`` tokens are those of ``xs[0]``; later inputs may be longer (only their first ``n`` tokens are read, no
+    sliced copy is made). ``out_len > n``: the outputs are ``out_len`` tokens long, rows ``>= n`` zero, for the
+    caller to fill in place (``write_tokens``) instead of concatenating.
+    """
+    axes = axes or (1,) * len(xs)
+    n = xs[0].shape[axes[0]]
+    out_len = n if out_len is None else out_len
+    if out_len < n:
+        raise ValueError(f"token_chunks: out_len={out_len} is shorter than the {n} input tokens")
+    if chunk <= 0 or n <= chunk:
+        ys = fn(*[jax.lax.slice_in_dim(x, 0, n, axis=ax) for x, ax in zip(xs, axes)])
+        if out_len == n:
+            return ys
+        return jax.tree.map(lambda y: concat([y, jnp.zeros((y.shape[0], out_len - n, *y.shape[2:]), y.dtype)]), ys)
+    steps = -(-n // chunk)
+    raw = [_bits(x) for x in xs]
+
+    def piece(start):
+        return fn(*[_unbits(jax.lax.dynamic_slice_in_dim(r, start, chunk, ax), x.dtype)
+                    for r, x, ax in zip(raw, xs, axes)])
+
+    first = piece(0)
+    leaves, tree = jax.tree.flatten(first)
+    bufs = [_bits(jnp.zeros((y.shape[0], out_len, *y.shape[2:]), y.dtype)) for y in leaves]
+    bufs = [jax.lax.dynamic_update_slice_in_dim(b, _bits(y), 0, 1) for b, y in zip(bufs, leaves)]
+
+    def body(i, bufs):
+        start = jnp.minimum(i * chunk, n - chunk)
+        ys = jax.tree.leaves(piece(start))
+        return [jax.lax.dynamic_update_slice_in_dim(b, _bits(y), start, 1) for b, y in zip(bufs, ys)]
+
+    bufs = jax.lax.fori_loop(1, steps, body, bufs)
+    return jax.tree.unflatten(tree, [_unbits(b, y.dtype) for b, y in zip(bufs, leaves)])
+
+
+def write_tokens(buf: jax.Array, x: jax.Array, start: int) -> jax.Array:
+    """``buf`` with ``x`` written at token ``start`` (axis 1), on the bits (an in-place update for XLA)."""
+    return _unbits(jax.lax.dynamic_update_slice_in_dim(_bits(buf), _bits(x.astype(buf.dtype)), start, 1), buf.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float, scale=None, bias=None) -> jax.Array:
@@ -238,6 +305,7 @@ class PatchEmbed(nn.Module):
     patch: tuple[int, int, int]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    chunk: int = 0          # tokens per matmul (:func:`token_chunks`; 0 = all at once)
 
     @nn.compact
     def __call__(self, x):
@@ -245,5 +313,6 @@ class PatchEmbed(nn.Module):
         pt, ph, pw = self.patch
         x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         x = x.reshape(b, (t // pt) * (h // ph) * (w // pw), pt, ph, pw, c)
-        return Dense(self.hidden, (None, None, None, "conv_in", "embed"), in_ndim=4, name="proj",
-                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        proj = Dense(self.hidden, (None, None, None, "conv_in", "embed"), in_ndim=4, name="proj",
+                     dtype=self.dtype, param_dtype=self.param_dtype)
+        return token_chunks(proj, 0 if self.is_initializing() else self.chunk, x)

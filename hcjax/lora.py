@@ -26,6 +26,12 @@ Application (both give the same function; the tests check it against peft to 1e-
   dtype) to every ``Dense`` whose scope holds ``lora_a``/``lora_b``. The base params stay untouched and no merged
   kernel is ever formed, so the base can be frozen, fp8 or shared between adapters. Needs no change in the DiT.
 
+Training (``hcjax.training`` with ``train.lora``): ``init_adapters`` (``lora_b = 0``) on the ``target_modules``,
+sharded like their kernels (``boxed``), applied unmerged with LoRA dropout: ``inject(..., dropout_key=)`` places a
+``lora_key`` (int32 key data, one per stacked layer) beside each adapter and ``lora_scope(dropout)`` drops the LoRA
+branch's input with it. ``save_trained`` / ``export_checkpoint`` write a train state's adapters (``alpha / rank``
+folded into ``lora_b``); ``for_sampling`` applies adapter files for ``sample.py --lora``. Guide: docs/lora.md.
+
 Files (``save_adapter``/``load_adapter``): safetensors of the flat tree (``"double_blocks/img_attn_qkv/lora_a"``)
 with JSON metadata under the header key ``hcjax_lora`` (source format, ranks, per-module scales, ...).
 """
@@ -43,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -309,6 +316,33 @@ def apply(model: nn.Module, params: Mapping, adapters: Mapping | Sequence[Mappin
     injected = inject(params, adapters, scale, dropout_key=dropout_key if dropout > 0 else None)
     with lora_scope(dropout):
         return model.apply({"params": injected}, *args, **kwargs)
+
+
+def for_sampling(params: Mapping, files: Sequence[str | Path], scales: Sequence[float] | None = None,
+                 mode: str = "merged") -> dict:
+    """DiT ``params`` with the adapter ``files`` (``--lora``) at ``scales`` (``--lora-scale``: one per file, one
+    for all, or none = 1): ``merged`` (:func:`merge`, in the params' dtype) or ``unmerged`` (:func:`inject`; the
+    model must then be traced inside :func:`lora_scope`)."""
+    if mode not in ("merged", "unmerged"):
+        raise ValueError(f"--lora-mode {mode!r}; expected 'merged' or 'unmerged'")
+    scales = [1.0] if not scales else list(scales)
+    if len(scales) == 1:
+        scales = scales * len(files)
+    if len(scales) != len(files):
+        raise ValueError(f"--lora-scale: {len(scales)} scales for {len(files)} --lora files; give one per file "
+                         "(or one for all)")
+    adapters = [load_adapter(f)[0] for f in files]
+    if mode == "merged":
+        return merge(params, adapters, scales)
+    out = inject(params, adapters, scales)
+    flat = _flatten(out)
+    for path in modules(strip(out)[1]):                 # adapters replicated on their kernel's mesh, if any
+        sh = getattr(flat.get(f"{path}/kernel", flat.get(f"{path}/kernel/{FP8}")), "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            for leaf in (LORA_A, LORA_B):
+                flat[f"{path}/{leaf}"] = jax.device_put(flat[f"{path}/{leaf}"],
+                                                        jax.sharding.NamedSharding(sh.mesh, P()))
+    return _unflatten(flat)
 
 
 # ------------------------------------------------------------------------------------------- new adapters

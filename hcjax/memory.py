@@ -235,7 +235,7 @@ def available_memory() -> tuple[int | None, str]:
         return None, f"{LIMIT_ENV}=off"
     if env:
         return _parse_bytes(env), f"{LIMIT_ENV}={env}"
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"free on device {dev.device_kind} {dev.id}"

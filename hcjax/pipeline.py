@@ -30,7 +30,7 @@ import numpy as np
 
 from . import sharding
 from .axes import TEXT_RULES
-from .conditioning import clip, llava
+from .conditioning import clip, llava, pose
 from .conditioning.text import TextConditioning, TextEncoders, encode_prompts
 from .conditioning.video import bg_latents_from_files
 from .conditioning.whisper import audio_prompts_from_file
@@ -38,11 +38,14 @@ from .config import PRESET_DIR, Config, DiTConfig, SampleConfig
 from .dit import HunyuanDiT, StepCache, abstract_params
 from .layers import to_dtype
 from .media import pad_resize, read_image, to_uint8
-from .scheduler import deepcache_mask, euler_step
+from .scheduler import (
+    CACHE_MODES, DEFAULT_THRESHOLDS, deepcache_mask, euler_step, magcache_decide, magcache_ratios, teacache_decide,
+)
 from .scheduler import sigmas as make_sigmas
 from .vae import decode_latents, encode_video
 
 DEFAULT_REF_IMAGE = "assets/demo_subject.png"
+MAX_SUBJECTS = 4                      # reference images per request (multi-subject, issue 24)
 
 
 @flax.struct.dataclass
@@ -50,7 +53,7 @@ class Conditions:
     text_states: jax.Array            # [Bc, S, Dt]
     text_mask: jax.Array              # [Bc, S]
     text_states_2: jax.Array          # [Bc, D2]
-    ref_latents: Any = None           # [Bc, 1, H, W, C]
+    ref_latents: Any = None           # [Bc, K, H, W, C]  one latent frame per subject
     audio_features: Any = None        # [Bc, F, 10, 5, 384]
     bg_latents: Any = None            # [Bc, T, H, W, 32]
 
@@ -67,6 +70,28 @@ class Guidance:
     ip_cfg_scale: float = SampleConfig.ip_cfg_scale
     use_deepcache: bool = SampleConfig.use_deepcache
     audio_strength: float = SampleConfig.audio_strength
+    # step cache (issue 26): deepcache (the original's fixed schedule; off with use_deepcache=False) | teacache |
+    # magcache | none. threshold None: the mode's default (scheduler.DEFAULT_THRESHOLDS); magcache needs the
+    # calibrated per-step ratios (python -m hcjax.calibrate_cache), at most cache_max_skip steps reused in a row
+    # and the first cache_retain fraction of the steps always in full.
+    cache: str = "deepcache"
+    cache_threshold: float | None = None
+    cache_ratios: tuple[float, ...] | None = None
+    cache_max_skip: int = 3
+    cache_retain: float = 0.2
+
+    def __post_init__(self):
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"--cache {self.cache!r}: expected one of {', '.join(CACHE_MODES)}")
+        if self.cache_threshold is not None and self.cache_threshold < 0:
+            raise ValueError(f"--cache-threshold must be >= 0; got {self.cache_threshold}")
+
+    def cache_mode(self) -> str:
+        return "none" if self.cache == "deepcache" and not self.use_deepcache else self.cache
+
+    def threshold(self) -> float:
+        t = self.cache_threshold
+        return float(DEFAULT_THRESHOLDS.get(self.cache_mode(), 0.0) if t is None else t)
 
     def branches(self) -> int:
         if self.ip_cfg_scale > 0:
@@ -92,7 +117,7 @@ def _cache_shape(cfg: DiTConfig, latents_shape, conds: Conditions):
     pt, ph, pw = cfg.patch_size
     n = (t // pt) * (h // ph) * (w // pw)
     if conds.ref_latents is not None:
-        n += (h // ph) * (w // pw)
+        n += conds.ref_latents.shape[1] * (h // ph) * (w // pw)
     return (conds.batch, n + conds.text_states.shape[1], cfg.hidden_size)
 
 
@@ -105,15 +130,33 @@ def _notify_step(i, _x):
 
 
 @functools.lru_cache(maxsize=16)
-def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_steps: bool = False):
+def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_steps: bool = False,
+                    return_stats: bool = False):
     """Build (once per settings, cached) the compiled N-step loop; it compiles once per input shape.
 
     With ``report_steps`` the loop calls the hooks in ``_STEP_HOOKS`` after each step from inside the compiled
-    loop (``jax.debug.callback``), e.g. to advance a progress bar (see :func:`step_hook`)."""
+    loop (``jax.debug.callback``), e.g. to advance a progress bar (see :func:`step_hook`). With ``return_stats``
+    it returns ``(latents, stats)``: ``full [N]`` bool (steps that ran the block stacks), ``distance [N]`` (the
+    TeaCache relative L1 distance of step i's probe to step i-1's, 0 otherwise) and ``residual_norm [N]`` (mean
+    token L2 norm of the conditional branch's residual at full steps of teacache/magcache; 0 otherwise).
+
+    Step caches (``guidance.cache_mode()``), all decided inside the loop (``lax.cond``, no host sync; on a mesh
+    the statistics are global reductions): deepcache = the fixed schedule of spec 6.4; teacache / magcache run
+    the block stacks at "full" steps and store their residual on the video tokens; skipped steps output
+    ``input + residual`` (each guidance branch its own residual). The decision uses the conditional branch (the
+    last one) and applies to all branches."""
     dit = HunyuanDiT(cfg)
     dtype = to_dtype(cfg.dtype)
-    cached_steps = deepcache_mask(num_steps, guidance.use_deepcache)
+    mode = guidance.cache_mode()
+    thr = guidance.threshold()
+    cached_steps = deepcache_mask(num_steps, mode == "deepcache")
     use_cache = bool(cached_steps.any())
+    if mode == "magcache":
+        if guidance.cache_ratios is None:
+            raise ValueError("--cache magcache needs calibrated ratios: run `python -m hcjax.calibrate_cache "
+                             "--ckpt-dir BUNDLE` (writes BUNDLE/magcache_ratios.json) or pass --cache-ratios FILE")
+        ratios = magcache_ratios(guidance.cache_ratios, num_steps)
+    retain = int(round(guidance.cache_retain * num_steps))
 
     def model(params, x, t, conds: Conditions, **kw):
         b = conds.batch
@@ -134,14 +177,20 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
         if b % g:
             raise ValueError(f"dit.cfg_batch={g} must divide the number of guidance branches ({b})")
         split = lambda a: a.reshape(b // g, g, *a.shape[1:])  # noqa: E731
-        cache = kw.pop("cache", None)
+        per_branch = {k: kw.pop(k) for k in ("cache", "residual") if kw.get(k) is not None}
 
         def one(xs):
-            c, cx = xs
-            return model(params, x, t, c, **kw, **({} if cx is None else {"cache": StepCache(cx)}))
+            c, pb = xs
+            xi, c = jax.lax.optimization_barrier((x, c))  # x per pass: XLA would hoist img_in(x) out of the map
+            return model(params, xi, t, c, **kw, **pb)
 
-        out = jax.lax.map(one, (jax.tree.map(split, conds), None if cache is None else split(cache.x)))
+        out = jax.lax.map(one, (jax.tree.map(split, conds), jax.tree.map(split, per_branch)))
         return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
+
+    def residual_state(conds, noise_shape):
+        _, t, h, w, _ = noise_shape
+        pt, ph, pw = cfg.patch_size
+        return jnp.zeros((conds.batch, (t // pt) * (h // ph) * (w // pw), cfg.hidden_size), dtype)
 
     @jax.jit
     def denoise(params, noise, conds: Conditions, sig):
@@ -150,30 +199,75 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
                              f"{guidance.branches()} branches")
         sig = sig.astype(jnp.float32)
         flags = jnp.asarray(cached_steps)
+        last = jax.tree.map(lambda a: a[-1:], conds)          # the conditional branch: the skip statistics
+
+        def step_full_or_reuse(params, x, t, skip, res):
+            def full(_):
+                v, r = model_passes(params, x, t, conds, return_residual=True)
+                r = r.astype(res.dtype)
+                norm = jnp.mean(jnp.linalg.norm(r[-1].astype(jnp.float32), axis=-1))
+                return v, r, norm
+
+            def reuse(_):
+                return model_passes(params, x, t, conds, residual=res), res, jnp.float32(0.0)
+
+            return jax.lax.cond(skip, reuse, full, None)
 
         def body(i, carry):
-            x, cache = carry
+            x, st = carry
+            st = dict(st)
             t = sig[i] * 1000.0
-            if use_cache:
+            dist = jnp.float32(0.0)
+            norm = jnp.float32(0.0)
+            if mode == "deepcache" and use_cache:
                 def full(_):
                     v, c = model_passes(params, x, t, conds, return_cache=True)
-                    return v, c.x.astype(cache.dtype)
+                    return v, c.x.astype(st["cache"].dtype)
 
                 def cached(_):
-                    return model_passes(params, x, t, conds, cache=StepCache(cache)), cache
+                    return model_passes(params, x, t, conds, cache=StepCache(st["cache"])), st["cache"]
 
-                v, cache = jax.lax.cond(flags[i], cached, full, None)
+                v, st["cache"] = jax.lax.cond(flags[i], cached, full, None)
+                skip = flags[i]
+            elif mode == "teacache":
+                p = model(params, x, t, last, probe=True).astype(jnp.float32)
+                prev = st["probe"]
+                dist = jnp.where(i == 0, 0.0, jnp.mean(jnp.abs(p - prev)) / jnp.maximum(jnp.mean(jnp.abs(prev)),
+                                                                                        1e-12))
+                skip, st["acc"] = teacache_decide(i, num_steps, dist, st["acc"], thr)
+                st["probe"] = p.astype(prev.dtype)
+                v, st["res"], norm = step_full_or_reuse(params, x, t, skip, st["res"])
+            elif mode == "magcache":
+                skip, st["mag"] = magcache_decide(i, num_steps, jnp.asarray(ratios)[i], st["mag"], thr,
+                                                  guidance.cache_max_skip, retain)
+                v, st["res"], norm = step_full_or_reuse(params, x, t, skip, st["res"])
             else:
                 v = model_passes(params, x, t, conds)
+                skip = jnp.bool_(False)
             v = combine(v, i, num_steps, guidance, dtype)
             x = euler_step(x, v, sig[i], sig[i + 1])
             if report_steps:
                 jax.debug.callback(_notify_step, i, x[0, 0, 0, 0, 0])   # data dependency: fires after the step
-            return x, cache
+            st["full"] = st["full"].at[i].set(jnp.logical_not(skip))
+            st["distance"] = st["distance"].at[i].set(dist)
+            st["residual_norm"] = st["residual_norm"].at[i].set(norm)
+            return x, st
 
-        cache0 = jnp.zeros(_cache_shape(cfg, noise.shape, conds) if use_cache else (0,), dtype)
+        st0 = {"full": jnp.zeros((num_steps,), bool), "distance": jnp.zeros((num_steps,), jnp.float32),
+               "residual_norm": jnp.zeros((num_steps,), jnp.float32)}
+        if use_cache:
+            st0["cache"] = jnp.zeros(_cache_shape(cfg, noise.shape, conds), dtype)
+        if mode in ("teacache", "magcache"):
+            st0["res"] = residual_state(conds, noise.shape)
+        if mode == "teacache":
+            st0["probe"] = jnp.zeros((1, *st0["res"].shape[1:]), jnp.float32)
+            st0["acc"] = jnp.float32(0.0)
+        if mode == "magcache":
+            st0["mag"] = (jnp.float32(1.0), jnp.float32(0.0), jnp.int32(0))
         x0 = noise.astype(jnp.float16).astype(jnp.float32)   # the original draws fp16 noise (spec 6.2)
-        x, _ = jax.lax.fori_loop(0, num_steps, body, (x0, cache0))
+        x, st = jax.lax.fori_loop(0, num_steps, body, (x0, st0))
+        if return_stats:
+            return x, {k: st[k] for k in ("full", "distance", "residual_norm")}
         return x
 
     return denoise
@@ -189,7 +283,9 @@ def python_loop_reference(cfg: DiTConfig, num_steps: int, guidance: Guidance, pa
     """The same steps as ``make_denoise_fn`` as a plain Python loop of jitted single steps (for tests/debugging)."""
     dit = HunyuanDiT(cfg)
     dtype = to_dtype(cfg.dtype)
-    flags = deepcache_mask(num_steps, guidance.use_deepcache)
+    if guidance.cache_mode() not in ("deepcache", "none"):
+        raise ValueError(f"python_loop_reference runs the deepcache/none loops only; got {guidance.cache_mode()}")
+    flags = deepcache_mask(num_steps, guidance.cache_mode() == "deepcache")
     x = jnp.asarray(noise).astype(jnp.float16).astype(jnp.float32)
     cache = None
     b = conds.batch
@@ -264,10 +360,10 @@ class Request:
     """One sampling job. Defaults are :class:`hcjax.config.SampleConfig`'s (the released image-mode settings, spec
     6.5); :meth:`from_config` takes them from a model's ``sample:`` section instead."""
 
-    ref_image: Any
+    ref_image: Any                    # one image, or a list of 1..MAX_SUBJECTS (multi-subject)
     pos_prompt: str
     neg_prompt: str = _SC.neg_prompt
-    item_name: str = _SC.item_name
+    item_name: Any = _SC.item_name    # a name (for every image) or a list: one name per image
     video_size: tuple[int, int] = _SC.video_size       # (height, width)
     frames: int = _SC.frames
     steps: int = _SC.steps
@@ -275,12 +371,17 @@ class Request:
     cfg_scale: float = _SC.cfg_scale
     ip_cfg_scale: float = _SC.ip_cfg_scale
     use_deepcache: bool = _SC.use_deepcache
+    cache: str = "deepcache"          # step cache: deepcache | teacache | magcache | none (see Guidance)
+    cache_threshold: float | None = None
+    cache_ratios: tuple[float, ...] | None = None     # magcache: calibrated ratios (hcjax.calibrate_cache)
     seed: int = _SC.seed
     input_audio: str | None = None
     audio_strength: float = _SC.audio_strength
     input_video: str | None = None
     mask_video: str | None = None
     expand_scale: int = _SC.expand_scale
+    pose_enhance: bool = False        # editing: DWPose skeletons drawn into the masked region (issue 27)
+    dwpose_dir: str = pose.DEFAULT_DIR  # its ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx)
     fps: int = _SC.fps
     sample_posterior: bool = True     # VAE encodes sample the posterior as the original does (spec 4.6)
 
@@ -298,15 +399,34 @@ class Request:
         merged["video_size"] = tuple(merged["video_size"])
         return cls(**merged)
 
+    def ref_images(self) -> list:
+        """The reference images as a list (``K`` entries)."""
+        return list(self.ref_image) if isinstance(self.ref_image, (list, tuple)) else [self.ref_image]
+
+    def item_names(self) -> list[str]:
+        """One item name per reference image (a single name is used for every image)."""
+        k = len(self.ref_images())
+        return list(self.item_name) if isinstance(self.item_name, (list, tuple)) else [self.item_name] * k
+
     def guidance(self) -> Guidance:
         return Guidance(cfg_scale=self.cfg_scale, ip_cfg_scale=self.ip_cfg_scale, use_deepcache=self.use_deepcache,
-                        audio_strength=self.audio_strength)
+                        audio_strength=self.audio_strength, cache=self.cache, cache_threshold=self.cache_threshold,
+                        cache_ratios=None if self.cache_ratios is None else tuple(map(float, self.cache_ratios)))
 
 
 def validate_request(cfg: Config, req: Request) -> None:
     """Every check that needs no file contents or weights (called before loading anything)."""
     h, w = req.video_size
+    k = len(req.ref_images())
+    if not 1 <= k <= MAX_SUBJECTS:
+        raise ValueError(f"--ref-image takes 1 to {MAX_SUBJECTS} reference images (one per subject); got {k}")
+    if len(req.item_names()) != k:
+        raise ValueError(f"--item-name: give one name per --ref-image image ({k}); got {len(req.item_names())} "
+                         f"names {req.item_names()}")
     editing = req.input_video is not None or req.mask_video is not None
+    if req.pose_enhance and not editing:
+        raise ValueError("--pose-enhance draws skeletons into the editing mask: give --input-video and "
+                         "--mask-video (editing checkpoint)")
     if editing:
         if not cfg.dit.video_condition:
             raise ValueError("--input-video/--mask-video need the editing checkpoint (dit.video_condition=True)")
@@ -369,13 +489,16 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
 
     bg_latents = None
     if cfg.dit.video_condition:
-        bg_latents, (frames, h, w) = bg_latents_from_files(req.input_video, req.mask_video, models.vae, cfg.vae,
-                                                           req.expand_scale, key=post(k_bg))
+        bg_fn = functools.partial(pose.bg_latents_from_files, dwpose_dir=req.dwpose_dir) if req.pose_enhance else \
+            bg_latents_from_files
+        bg_latents, (frames, h, w) = bg_fn(req.input_video, req.mask_video, models.vae, cfg.vae, req.expand_scale,
+                                           key=post(k_bg))
     else:
         frames, (h, w) = req.frames, req.video_size
-    ref_rgb = read_image(req.ref_image)
-    ref_pix = _pixels(pad_resize(ref_rgb, h, w))[None, None]                   # [1, 1, h, w, 3]
+    ref_rgb = [read_image(im) for im in req.ref_images()]                      # K images (multi-subject)
+    ref_pix = np.stack([_pixels(pad_resize(im, h, w)) for im in ref_rgb])[:, None]   # [K, 1, h, w, 3]
     ref_latents = encode_video(models.vae, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
+    ref_latents = ref_latents.reshape(1, len(ref_rgb), *ref_latents.shape[2:])        # [1, K, h', w', C]
     timings["vae_encode_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -390,6 +513,7 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
     branches = g.branches()
     if branches == 3:
         white = encode_video(models.vae, cfg.vae, jnp.ones_like(jnp.asarray(ref_pix)), post(k_white))
+        white = white.reshape(1, len(ref_rgb), *white.shape[2:])                 # all K references dropped
         order = [(neg, white), (pos, white), (pos, ref_latents)]
     elif branches == 2:
         order = [(neg, ref_latents), (pos, ref_latents)]
@@ -425,14 +549,15 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
 
 
 def _encode_text(models: Models, req: Request, ref_rgb) -> tuple[TextConditioning, TextConditioning]:
-    """The LLaVA/CLIP branches of one request; on a mesh the towers run sharded and the states come back as host
-    copies (so they combine with the locally computed VAE latents)."""
+    """The LLaVA/CLIP branches of one request (``ref_rgb``: its K images); on a mesh the towers run sharded and the
+    states come back as host copies (so they combine with the locally computed VAE latents)."""
+    images, names = (ref_rgb[0], req.item_names()[0]) if len(ref_rgb) == 1 else (ref_rgb, req.item_names())
     if models.mesh is None:
-        return encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
-                              item_names=req.item_name)
+        return encode_prompts(models.text, req.pos_prompt, images, negative_prompts=req.neg_prompt,
+                              item_names=names)
     with sharding.use_mesh(models.mesh, rules=TEXT_RULES):
-        pos, neg = encode_prompts(models.text, req.pos_prompt, ref_rgb, negative_prompts=req.neg_prompt,
-                                  item_names=req.item_name)
+        pos, neg = encode_prompts(models.text, req.pos_prompt, images, negative_prompts=req.neg_prompt,
+                                  item_names=names)
     return tuple(TextConditioning(*(sharding.to_host(x) for x in c)) for c in (pos, neg))
 
 

@@ -2,8 +2,10 @@
 
 Ports ``get_nd_rotary_pos_embed`` (``hymm_sp/modules/posemb_layers.py``) for the ``timecat-w`` mode: the video
 grid ``(t, h, w)`` in row-major order, optionally preceded by one reference slice at ``t = -1`` with ``w``
-shifted by ``W'``. Per axis ``d`` (``rope_dim_list``), ``omega_j = theta^(-2j/d)``; cos/sin are repeated
-interleaved (``c0, c0, c1, c1, ...``) and concatenated over (t, h, w) -> tables ``[L, K]`` in fp32. Rotation uses
+shifted by ``W'``. Multi-subject (issue 24, not in the release): ``K`` reference slices, slice ``k = 1..K`` at
+``t = -k``, each with the same ``w + W'`` shift, in that order ahead of the video (``K = 1`` is the release).
+Per axis ``d`` (``rope_dim_list``), ``omega_j = theta^(-2j/d)``; cos/sin are repeated interleaved (``c0, c0, c1,
+c1, ...``) and concatenated over (t, h, w) -> tables ``[L, sum(dims)]`` in fp32. Rotation uses
 interleaved pairs ``(x_2i, x_2i+1)``.
 """
 
@@ -22,20 +24,24 @@ def axis_freqs(pos: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.A
     return jnp.repeat(jnp.cos(ang), 2, axis=-1), jnp.repeat(jnp.sin(ang), 2, axis=-1)
 
 
-def position_grid(grid: Sequence[int], with_ref: bool) -> jax.Array:
-    """Positions ``[L, 3]`` (t, h, w): optional reference slice (t=-1, w+W') first, then the video grid."""
+def position_grid(grid: Sequence[int], with_ref: bool | int) -> jax.Array:
+    """Positions ``[L, 3]`` (t, h, w): ``K = int(with_ref)`` reference slices first (slice ``k`` at ``t = -k``,
+    ``w + W'``; ``True`` = one), then the video grid."""
     t, h, w = grid
+    n_ref = int(with_ref)
+    if n_ref < 0:
+        raise ValueError(f"rope: the number of reference slices must be >= 0; got {n_ref}")
     tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing="ij")
     pos = jnp.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(jnp.float32)
-    if with_ref:
-        rh, rw = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
-        ref = jnp.stack([jnp.full_like(rh, -1), rh, rw + w], axis=-1).reshape(-1, 3).astype(jnp.float32)
+    if n_ref:
+        rk, rh, rw = jnp.meshgrid(jnp.arange(1, n_ref + 1), jnp.arange(h), jnp.arange(w), indexing="ij")
+        ref = jnp.stack([-rk, rh, rw + w], axis=-1).reshape(-1, 3).astype(jnp.float32)
         pos = jnp.concatenate([ref, pos], axis=0)
     return pos
 
 
-def rope_tables(grid: Sequence[int], dims: Sequence[int], theta: float, with_ref: bool = False):
-    """cos, sin ``[L, sum(dims)]`` for the token grid ``(T', H', W')`` (+ reference slice)."""
+def rope_tables(grid: Sequence[int], dims: Sequence[int], theta: float, with_ref: bool | int = False):
+    """cos, sin ``[L, sum(dims)]`` for the token grid ``(T', H', W')`` (+ ``int(with_ref)`` reference slices)."""
     if len(grid) != len(dims):
         raise ValueError(f"rope: grid {tuple(grid)} and rope_dim_list {tuple(dims)} must have the same length")
     pos = position_grid(grid, with_ref)

@@ -131,3 +131,82 @@ def test_generate_takes_a_mesh(one_device):
     models, req, _, want_frames = one_device
     frames, _ = pipeline.generate(models, req, mesh=mesh_of((1, 2, 4, 1)))
     assert np.abs(frames.astype(int) - want_frames.astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------- sample.py
+
+
+SMALL = ["--config", str(TINY), "--sample-n-frames", "5", "--infer-steps", "2", "--no-compile-cache"]
+
+
+def test_cli_mesh_writes_one_mp4_with_the_placement(tmp_path, capsys):
+    rc = sample.main([*SMALL, "--save-path", str(tmp_path), "--video-size", "32", "32", "--mesh", "1", "1", "-1", "1",
+                      "--ulysses-degree", "4", "--output-name", "usp"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usp.json", "usp.mp4"]
+    settings = json.loads((tmp_path / "usp.json").read_text())
+    assert settings["mesh"] == {"data": 1, "fsdp": 1, "sequence": 8, "tensor": 1}
+    assert settings["ulysses_degree"] == 4 and settings["processes"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "1", "1", "16", "1"], "needs 16 devices but 8 are available"),
+    (["--mesh", "1", "1", "8", "1", "--ulysses-degree", "3"], "ulysses_degree=3 must divide mesh.sequence=8"),
+    (["--mesh", "1", "1", "8", "1", "--sequence-parallel", "ulysses"], "does not fit Ulysses"),
+    (["--mesh", "1", "1", "1", "8"], "mesh.tensor=8 must divide the 4 attention heads"),
+    (["--ulysses-degree", "2"], "needs a sequence axis: give --mesh"),
+])
+def test_cli_bad_mesh_exit_2_before_loading(tmp_path, capsys, args, message):
+    rc = sample.main([*SMALL, "--save-path", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "phase load" not in err and err.count("\n") == 1 and not list(tmp_path.rglob("*.mp4"))
+
+
+def _write_json(path, entries):
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_input_json_loads_once_and_compiles_once_per_shape(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "_COMPILED", {})
+    before = pipeline.COMPILE_COUNT[0]
+    requests = _write_json(tmp_path / "req.json", [
+        {"pos_prompt": "a red ball", "video_size": [32, 32], "seed": 1, "output_name": "a"},
+        {"pos-prompt": "a blue cube", "video_size": [32, 48], "output_name": "b"},
+        {"pos_prompt": "a red ball", "video_size": [32, 32], "seed": 5, "num_images": 2, "output_name": "c"},
+    ])
+    rc = sample.main([*SMALL, "--save-path", str(tmp_path / "out"), "--input-json", requests, "--seed", "9"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert pipeline.COMPILE_COUNT[0] - before == 2                  # 3 requests (4 samples) of 2 shapes
+    assert err.count("phase load") == 1
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+    assert names == ["a.json", "b.json", "c_0.json", "c_1.json"]
+    got = {n: json.loads((tmp_path / "out" / n).read_text()) for n in names}
+    assert [got[n]["seed"] for n in names] == [1, 9, 5, 6]          # the flag is the default; num_images: +1
+    assert got["b.json"]["pos_prompt"] == "a blue cube" and got["b.json"]["video_size"] == [32, 48]
+
+
+def test_num_images_makes_n_seeds(tmp_path, capsys):
+    rc = sample.main([*SMALL, "--save-path", str(tmp_path), "--video-size", "32", "32", "--num-images", "2",
+                      "--seed", "3", "--output-name", "n"])
+    assert rc == 0, capsys.readouterr().err
+    seeds = [json.loads((tmp_path / f"n_{k}.json").read_text())["seed"] for k in range(2)]
+    assert seeds == [3, 4] and len(list(tmp_path.glob("*.mp4"))) == 2
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"pos_prompt": "x"}, {"video_size": [30, 48]}], "request 1: --video-size must be multiples of 16"),
+    ([{"prompt": "x"}], "request 0: field 'prompt' is not a request field"),
+    ([{"seed": "7"}], "request 0: field 'seed': expected an integer"),
+    ([{}, {}, {"ref_image": "/nonexistent/ref.png"}], "request 2: field 'ref_image' /nonexistent/ref.png"),
+    ([{"num_images": 0}], "request 0: --num-images 0 must be >= 1"),
+    ({"pos_prompt": "x"}, "expected a non-empty JSON list"),
+])
+def test_input_json_bad_request_named_before_loading(tmp_path, capsys, entries, message):
+    rc = sample.main([*SMALL, "--save-path", str(tmp_path / "out"), "--input-json",
+                      _write_json(tmp_path / "r.json", entries)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "phase load" not in err and not (tmp_path / "out").exists()

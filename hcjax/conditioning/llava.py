@@ -10,8 +10,12 @@ Ports ``LlavaForConditionalGeneration`` of transformers **4.41.2** (the model) a
   tokenizer mask on text, 1 on image; ``position_ids = cumsum(mask) - 1`` and **1 on every masked position**;
   the input embedding of every token whose id equals ``llava.pad_token_id`` is replaced by zeros. Attention is
   causal with masked keys, so every pad position ends with the same hidden vector.
+* Multi-subject (issue 24, not in the release): the template ends with one ``"\nThe {name_k} looks like<image>"``
+  per subject; ``pixels [B, K, H, W, 3]`` and each ``<image>`` (in order) is replaced by ITS image's ``n``
+  features, so the merged length is ``T + K(n-1)``; mask, position ids and pad zeroing follow the same rules.
+  ``K = 1`` (``pixels [B, H, W, 3]``) is the release, bit for bit.
 * Output (3.2/3.3, :func:`llava_states`): ``hidden_states[-(skip+1)]`` (layer 30 of 32, no final norm), minus the
-  first ``crop_start`` positions. The mask is *not* the merged one: ``(tokenizer_mask ++ ones(n-1))[crop_start:]``
+  first ``crop_start`` positions. The mask is *not* the merged one: ``(tokenizer_mask ++ ones(K(n-1)))[crop_start:]``
   (misaligned with the states on purpose, as the original).
 
 Tokenisation, the image copy, CLIP-L pooling and the CFG branches are :mod:`.text`; reading tokenizers and
@@ -24,6 +28,7 @@ Parameter tree of :class:`LlavaModel`: ``vision_tower/...`` (:class:`ClipVisionM
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -57,9 +62,13 @@ PROJECTOR_ACTS = {
 }
 
 
-def build_prompt(prompt: str, name: str) -> str:
-    """The string HunyuanCustom tokenises: template + ``"\\nThe {name} looks like<image>"`` (spec 3.1)."""
-    return PROMPT_TEMPLATE.format(prompt) + "\nThe " + name + " looks like" + IMAGE_TOKEN
+def build_prompt(prompt: str, name: str | Sequence[str]) -> str:
+    """The string HunyuanCustom tokenises: template + ``"\\nThe {name} looks like<image>"`` (spec 3.1); a list of
+    ``K`` names (multi-subject) appends one such phrase per subject, in order."""
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError("build_prompt: at least one item name is needed")
+    return PROMPT_TEMPLATE.format(prompt) + "".join("\nThe " + nm + " looks like" + IMAGE_TOKEN for nm in names)
 
 
 def num_image_features(c: ClipVisionConfig) -> int:
@@ -71,22 +80,32 @@ def num_image_features(c: ClipVisionConfig) -> int:
 
 def legacy_merge(input_ids, attention_mask, text_embeds, image_features, image_token_index: int,
                  pad_token_id: int):
-    """transformers 4.41.2 ``_merge_input_ids_with_image_features`` for one ``<image>`` token per row.
+    """transformers 4.41.2 ``_merge_input_ids_with_image_features``, one image per ``<image>`` token.
 
-    ``input_ids, attention_mask [B, T]``, ``text_embeds [B, T, D]``, ``image_features [B, n, D]`` ->
-    ``embeds [B, T+n-1, D]``, ``mask [B, T+n-1]``, ``position_ids [B, T+n-1]`` (see the module docstring).
+    ``input_ids, attention_mask [B, T]``, ``text_embeds [B, T, D]``, ``image_features [B, n, D]`` (one ``<image>``
+    per row) or ``[B, K, n, D]`` (``K`` per row, in order) -> ``embeds [B, T+K(n-1), D]``, ``mask``,
+    ``position_ids [B, T+K(n-1)]`` (see the module docstring).
     """
     b, t = input_ids.shape
-    n = image_features.shape[1]
-    j = jnp.arange(t + n - 1)[None, :]
-    k = jnp.argmax(input_ids == image_token_index, axis=1)[:, None]
-    is_img = (j >= k) & (j < k + n)
-    text_idx = jnp.clip(jnp.where(j < k, j, j - (n - 1)), 0, t - 1)
-    feat_idx = jnp.clip(j - k, 0, n - 1)
+    if image_features.ndim == 3:
+        image_features = image_features[:, None]
+    n_img, n = image_features.shape[1], image_features.shape[2]
+    length = t + n_img * (n - 1)
+    j = jnp.arange(length)[None, :]
+    is_tok = input_ids == image_token_index
+    # input position p starts at output p + (n-1) * (image tokens before p); output j belongs to the last p <= j
+    start = jnp.arange(t)[None, :] + (n - 1) * (jnp.cumsum(is_tok, axis=1) - is_tok)
+    src = jax.vmap(lambda st: jnp.searchsorted(st, j[0], side="right") - 1)(start)
+    text_idx = jnp.clip(src, 0, t - 1)
+    offset = j - jnp.take_along_axis(start, text_idx, axis=1)
+    is_img = jnp.take_along_axis(is_tok, text_idx, axis=1)
+    which = jnp.clip(jnp.take_along_axis(jnp.cumsum(is_tok, axis=1) - 1, text_idx, axis=1), 0, n_img - 1)
+    feat_idx = which * n + jnp.clip(offset, 0, n - 1)
     ids = jnp.take_along_axis(input_ids, text_idx, axis=1)
     text = jnp.take_along_axis(text_embeds, text_idx[..., None], axis=1)
     text = jnp.where((ids == pad_token_id)[..., None], jnp.zeros_like(text), text)
-    feats = jnp.take_along_axis(image_features, feat_idx[..., None], axis=1).astype(text.dtype)
+    flat = image_features.reshape(b, n_img * n, image_features.shape[-1])
+    feats = jnp.take_along_axis(flat, feat_idx[..., None], axis=1).astype(text.dtype)
     embeds = jnp.where(is_img[..., None], feats, text)
     mask = jnp.where(is_img, 1, jnp.take_along_axis(attention_mask, text_idx, axis=1)).astype(jnp.int32)
     position_ids = jnp.where(mask == 0, 1, jnp.cumsum(mask, axis=1) - 1)
@@ -109,7 +128,8 @@ class MultiModalProjector(nn.Module):
 class LlavaModel(nn.Module):
     """LLaVA forward with the 4.41.2 legacy merge; returns the hidden state HunyuanCustom uses.
 
-    ``__call__(input_ids [B,T], attention_mask [B,T], pixels [B,H,W,3])`` -> ``(hidden [B, T+n-1, D], mask,
+    ``__call__(input_ids [B,T], attention_mask [B,T], pixels [B,H,W,3] or [B,K,H,W,3] (K <image> tokens per
+    row))`` -> ``(hidden [B, T+K(n-1), D], mask,
     position_ids)`` with ``hidden = hidden_states[-(hidden_state_skip_layer + 1)]`` (only the layers needed
     run). ``output_hidden_states=True`` runs every layer and returns ``(all_hidden_states, mask, position_ids)``.
     Only the valid (non-pad) positions are equal to a modern LLaVA fed with ``n`` placeholder tokens.
@@ -131,8 +151,12 @@ class LlavaModel(nn.Module):
                                  dtype=to_dtype(self.llama.dtype), param_dtype=to_dtype(self.llama.param_dtype))
 
     def image_features(self, pixels):
+        """``[B, H, W, 3] -> [B, n, D]`` or (multi-subject) ``[B, K, H, W, 3] -> [B, K, n, D]``."""
+        lead = pixels.shape[:-3]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
         feats = self.vision_tower(pixels, feature_layer=self.llava.vision_feature_layer)[:, 1:]
-        return self.multi_modal_projector(feats.astype(to_dtype(self.llama.dtype)))
+        feats = self.multi_modal_projector(feats.astype(to_dtype(self.llama.dtype)))
+        return feats.reshape(*lead, *feats.shape[1:])
 
     def __call__(self, input_ids, attention_mask, pixels, output_hidden_states: bool = False):
         c, lc = self.llama, self.llava
@@ -183,12 +207,14 @@ def count_params(tree) -> int:
 
 
 def llava_states(params, cfg: Config, input_ids, attention_mask, pixels):
-    """Cropped states ``[B, S, D]`` and the spec-3.3 mask ``[B, S]`` (jit with ``cfg`` static)."""
+    """Cropped states ``[B, S, D]`` and the spec-3.3 mask ``[B, S]`` (jit with ``cfg`` static); ``pixels
+    [B, K, H, W, 3]`` (``K`` images per row) gives ``S = T - crop_start + K(n-1)`` and ``K(n-1)`` appended ones."""
     hidden, _, _ = llava_model(cfg).apply({"params": params}, input_ids, attention_mask, pixels)
     n = num_image_features(cfg.clip_vision)
+    k = pixels.shape[1] if pixels.ndim == 5 else 1
     crop = cfg.llava.crop_start
     mask = jnp.concatenate([attention_mask.astype(jnp.int32),
-                            jnp.ones((attention_mask.shape[0], n - 1), jnp.int32)], axis=1)
+                            jnp.ones((attention_mask.shape[0], k * (n - 1)), jnp.int32)], axis=1)
     return hidden[:, crop:], mask[:, crop:]
 
 

@@ -11,6 +11,12 @@ of width ``D`` (4096) for ``n`` image features (576), CLIP-L ``clip_text_len`` t
 :func:`encode_prompts` returns :class:`TextConditioning` ``(text_states, text_mask, text_states_2)`` for the
 positive (prompt, item name, reference image) and negative (negative prompt, 'person', white image, spec-3.4 mask
 rewrite) branches: exactly what the DiT consumes (3.6).
+
+Multi-subject (issue 24): ``K`` reference images and ``K`` item names per prompt give the positive string one
+``"\nThe {name_k} looks like<image>"`` per subject, each ``<image>`` merged with its own image's features (``S =
+text_len + K(n-1)``, mask as spec 3.3 with ``K(n-1)`` appended ones). The negative branch stays the released one
+(negative prompt, one 'person' phrase, one white image, spec-3.4 rewrite), its states and mask zero-padded to the
+positive length (the padded positions are masked, so the DiT and the refiner ignore them).
 """
 
 from __future__ import annotations
@@ -56,11 +62,13 @@ _clip_pooled = jax.jit(clip_pooled, static_argnums=1)
 # ------------------------------------------------------------------------------------------- tokenisation
 
 
-def tokenize_llava(tokenizer, texts: Sequence[str], cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_llava(tokenizer, texts: Sequence[str], cfg: Config, image_count: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise full LLaVA strings to ``max_length = text_len + crop_start`` (right padding).
 
-    Raises ``ValueError`` when a string would lose its ``<image>`` token to truncation (the original crashes)
-    or does not contain exactly one, and when the tokenizer's ``<image>`` id disagrees with the config.
+    Raises ``ValueError`` when a string would lose an ``<image>`` token to truncation (the original crashes)
+    or does not contain exactly ``image_count`` of them, and when the tokenizer's ``<image>`` id disagrees with the
+    config.
     """
     lc = cfg.llava
     limit = lc.text_len + lc.crop_start
@@ -71,9 +79,10 @@ def tokenize_llava(tokenizer, texts: Sequence[str], cfg: Config) -> tuple[np.nda
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         count = sum(i == image_id for i in ids)
-        if count != 1:
-            raise ValueError(f"a LLaVA prompt must contain exactly one {IMAGE_TOKEN} token, found {count} "
-                             f"(do not write {IMAGE_TOKEN} in the prompt text)")
+        if count != image_count:
+            want = "one" if image_count == 1 else str(image_count)
+            raise ValueError(f"a LLaVA prompt must contain exactly {want} {IMAGE_TOKEN} token(s) (one per "
+                             f"reference image), found {count} (do not write {IMAGE_TOKEN} in the prompt text)")
         if len(ids) > limit:
             raise ValueError(
                 f"prompt too long: {len(ids)} LLaVA tokens exceed the limit of {limit} (text_len {lc.text_len} + "
@@ -148,38 +157,75 @@ def _as_list(x, n: int, what: str) -> list:
     return [x] * n
 
 
-def encode_prompts(enc: TextEncoders, prompts: str | Sequence[str], images, *,
-                   negative_prompts: str | Sequence[str] = "", item_names: str | Sequence[str] | None = None
-                   ) -> tuple[TextConditioning, TextConditioning]:
-    """Encode the positive (with the reference image and item name) and negative (white image, 'person') branches.
+def _per_subject(x, b: int, one_prompt: bool, what: str) -> list[list]:
+    """Per prompt, the list of its subjects' entries: for one prompt (a str) a list/tuple is its ``K`` subjects;
+    for ``b`` prompts a list/tuple has one entry per prompt, each a single value or a list of ``K``."""
+    if isinstance(x, (list, tuple)):
+        if one_prompt:
+            return [list(x)]
+        if len(x) != b:
+            raise ValueError(f"{what}: expected {b} entries (one per prompt), got {len(x)}")
+        return [list(e) if isinstance(e, (list, tuple)) else [e] for e in x]
+    return [[x] for _ in range(b)]
 
-    ``images``: one reference image or one per prompt (path, PIL, ``[H,W,3]`` uint8 RGB, or an already
-    preprocessed ``[size,size,3]`` float32 array). Returns ``(positive, negative)`` :class:`TextConditioning`;
-    the negative mask has the spec-3.4 rewrite applied (:func:`uncond_mask_rewrite`). Stack as
-    ``[negative, positive]`` for CFG.
+
+def encode_prompts(enc: TextEncoders, prompts: str | Sequence[str], images, *,
+                   negative_prompts: str | Sequence[str] = "", item_names=None
+                   ) -> tuple[TextConditioning, TextConditioning]:
+    """Encode the positive (with the reference images and item names) and negative (white image, 'person') branches.
+
+    ``images``: per prompt one reference image or a list of ``K`` (multi-subject; the same ``K`` for every prompt),
+    each a path, PIL, ``[H,W,3]`` uint8 RGB, or an already preprocessed ``[size,size,3]`` float32 array; for a single
+    prompt (a str) a list is that prompt's ``K`` images. ``item_names`` likewise (one name per image; ``None`` =
+    ``llava.item_name`` for each). Returns ``(positive, negative)`` :class:`TextConditioning`; the negative mask
+    has the spec-3.4 rewrite applied (:func:`uncond_mask_rewrite`) and, for ``K > 1``, is zero-padded with its
+    states to the positive length. Stack as ``[negative, positive]`` for CFG.
     """
     cfg, lc = enc.cfg, enc.cfg.llava
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    one = isinstance(prompts, str)
+    prompts = [prompts] if one else list(prompts)
     b = len(prompts)
     negs = _as_list(negative_prompts, b, "negative_prompts")
-    names = _as_list(lc.item_name if item_names is None else item_names, b, "item_names")
-    imgs = _as_list(images, b, "images") if isinstance(images, (list, tuple)) else [images] * b
-    pix = [im if isinstance(im, np.ndarray) and im.dtype == np.float32 else enc.image_preprocessor(im) for im in imgs]
+    imgs = _per_subject(images, b, one, "images")
+    k = len(imgs[0])
+    if k < 1 or any(len(row) != k for row in imgs):
+        raise ValueError(f"images: every prompt needs the same number (>= 1) of reference images; got "
+                         f"{[len(row) for row in imgs]}")
+    names = [[lc.item_name] * k for _ in range(b)] if item_names is None else \
+        _per_subject(item_names, b, one, "item_names")
+    if any(len(row) != k for row in names):
+        raise ValueError(f"item_names: one name per reference image is needed ({k} per prompt); got "
+                         f"{[len(row) for row in names]}")
+    pix = [[im if isinstance(im, np.ndarray) and im.dtype == np.float32 else enc.image_preprocessor(im) for im in row]
+           for row in imgs]
     want = (cfg.clip_vision.image_size, cfg.clip_vision.image_size, 3)
-    for p in pix:
+    for p in (q for row in pix for q in row):
         if p.shape != want:
             raise ValueError(f"preprocessed image has shape {p.shape}, expected {want}")
     white = enc.image_preprocessor.white()
-    texts = [build_prompt(p, nm) for p, nm in zip(prompts, names)] + \
-            [build_prompt(p, lc.negative_item_name) for p in negs]
-    ids, mask = tokenize_llava(enc.llava_tokenizer, texts, cfg)
-    pixels = np.stack(pix + [white] * b)
-    states, tmask = _llava_states(enc.llava_params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+    pos_texts = [build_prompt(p, nm if k > 1 else nm[0]) for p, nm in zip(prompts, names)]
+    neg_texts = [build_prompt(p, lc.negative_item_name) for p in negs]
+    if k == 1:                      # the released path: one LLaVA batch [positive ; negative]
+        ids, mask = tokenize_llava(enc.llava_tokenizer, pos_texts + neg_texts, cfg)
+        pixels = np.stack([row[0] for row in pix] + [white] * b)
+        states, tmask = _llava_states(enc.llava_params, cfg, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(pixels))
+        pos_states, pos_mask, neg_states, neg_mask = states[:b], tmask[:b], states[b:], tmask[b:]
+    else:                           # K images per positive row; the negative keeps one white image, padded
+        ids, mask = tokenize_llava(enc.llava_tokenizer, pos_texts, cfg, image_count=k)
+        pos_states, pos_mask = _llava_states(enc.llava_params, cfg, jnp.asarray(ids), jnp.asarray(mask),
+                                             jnp.asarray(np.stack([np.stack(row) for row in pix])))
+        ids, mask = tokenize_llava(enc.llava_tokenizer, neg_texts, cfg)
+        neg_states, neg_mask = _llava_states(enc.llava_params, cfg, jnp.asarray(ids), jnp.asarray(mask),
+                                             jnp.asarray(np.stack([white] * b)))
     cids, cmask = tokenize_clip(enc.clip_tokenizer, prompts + negs, cfg)
     pooled = _clip_pooled(enc.clip_params, cfg, jnp.asarray(cids), jnp.asarray(cmask))
-    neg_mask = tmask[b:]
     if lc.uncond_mask_rewrite:
         neg_mask = uncond_mask_rewrite(neg_mask, num_image_features(cfg.clip_vision))
-    pos = TextConditioning(states[:b], tmask[:b], pooled[:b])
-    neg = TextConditioning(states[b:], neg_mask, pooled[b:])
+    extra = pos_states.shape[1] - neg_states.shape[1]
+    if extra:
+        neg_states = jnp.pad(neg_states, ((0, 0), (0, extra), (0, 0)))
+        neg_mask = jnp.pad(neg_mask, ((0, 0), (0, extra)))
+    pos = TextConditioning(pos_states, pos_mask, pooled[:b])
+    neg = TextConditioning(neg_states, neg_mask, pooled[b:])
     return pos, neg

@@ -113,7 +113,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise FileNotFoundError(f"config file not found: {path}")
         where = str(path)
         text = path.read_text()     # a run's config.json too (JSON writes 1e-06, which YAML 1.1 reads as a string)
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where_ = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where_}: {getattr(e, 'problem', None) or e}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

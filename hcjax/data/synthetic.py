@@ -1,7 +1,9 @@
 """A small synthetic subject-video dataset: ``python -m hcjax.data.synthetic --out DIR``.
 
 Each clip shows one subject (a coloured, textured shape: circle/square/triangle/diamond; striped, checkered,
-dotted or plain) moving in the direction its caption says (left, right, up, down) over a grey background. For
+dotted or plain) moving in the direction its caption says (left, right, up, down) over a grey background.
+Captions (``the object moves <direction>``) leave the subject to the item name, so that prompt + item name fit
+the text length of ``configs/demo.yaml`` (128 LLaVA tokens with its tokenizer). For
 each clip ``clip_NNNN`` the generator writes the layout :mod:`hcjax.data` reads::
 
     clip_NNNN.mp4        H.264 video, ``--frames`` frames of ``--height x --width``
@@ -120,7 +122,7 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
     ref = render(shape, texture, COLORS[color], width / 2, height / 2, r, height, width, white)
     name = f"{color} {texture} {shape}"
     meta = {
-        "caption": f"a {name} moves {direction} across a gray background",
+        "caption": f"the object moves {direction}",       # short: fits demo.yaml's text_len with the item name
         "item_name": name, "shape": shape, "texture": texture, "color": color, "motion": direction,
     }
     if not return_mask:

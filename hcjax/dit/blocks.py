@@ -18,7 +18,7 @@ from .. import attention as attn_lib
 from ..config import DiTConfig
 from ..layers import (
     Dense, LayerNorm, MLP, MLPEmbedder, Modulation, RMSNorm, TimestepEmbedder, constrain, layer_norm, modulate,
-    to_dtype,
+    to_dtype, token_chunks, write_tokens,
 )
 from ..rope import apply_rope
 from .storage import STACKS, slice_layer, take_layer, to_device
@@ -48,50 +48,6 @@ def _attend(cfg: DiTConfig, q, k, v, kv_lengths):
         interpret=cfg.attention_interpret,
     )
     return constrain(out, ACT_HEADS)
-
-
-def _bits(a):
-    """Sub-32-bit floats as same-width unsigned integers (XLA:CPU slices bf16 by converting the whole operand)."""
-    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4:
-        return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * jnp.dtype(a.dtype).itemsize}"))
-    return a
-
-
-def _unbits(a, dtype):
-    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
-
-
-def token_chunks(fn, chunk: int, *xs, axes=None):
-    """``fn(*xs)`` computed ``chunk`` tokens at a time (``cfg.ffn_chunk``; 0 = one call on all tokens).
-
-    ``fn`` must treat tokens independently; ``xs`` carry the tokens on ``axes`` (default 1 for all), every output
-    on axis 1. A ``fori_loop`` slices the inputs and writes each chunk's outputs into full-length buffers, so only
-    a chunk of the wide intermediates ([tokens, 4D] MLP hidden, fp32 norm/modulate copies) is alive. The last
-    chunk starts at ``L - chunk`` (it overlaps the previous one and rewrites identical values), so no padding.
-    """
-    axes = axes or (1,) * len(xs)
-    n = xs[0].shape[axes[0]]
-    if chunk <= 0 or n <= chunk:
-        return fn(*xs)
-    steps = -(-n // chunk)
-    raw = [_bits(x) for x in xs]
-
-    def piece(start):
-        return fn(*[_unbits(jax.lax.dynamic_slice_in_dim(r, start, chunk, ax), x.dtype)
-                    for r, x, ax in zip(raw, xs, axes)])
-
-    first = piece(0)
-    leaves, tree = jax.tree.flatten(first)
-    bufs = [_bits(jnp.zeros((y.shape[0], n, *y.shape[2:]), y.dtype)) for y in leaves]
-    bufs = [jax.lax.dynamic_update_slice_in_dim(b, _bits(y), 0, 1) for b, y in zip(bufs, leaves)]
-
-    def body(i, bufs):
-        start = jnp.minimum(i * chunk, n - chunk)
-        ys = jax.tree.leaves(piece(start))
-        return [jax.lax.dynamic_update_slice_in_dim(b, _bits(y), start, 1) for b, y in zip(bufs, ys)]
-
-    bufs = jax.lax.fori_loop(1, steps, body, bufs)
-    return jax.tree.unflatten(tree, [_unbits(b, y.dtype) for b, y in zip(bufs, leaves)])
 
 
 # ------------------------------------------------------------------------------------------- refiner
@@ -189,13 +145,14 @@ class DoubleStreamBlock(nn.Module):
         img_mod = Modulation(6, name="img_mod", **kw)(vec)
         txt_mod = Modulation(6, name="txt_mod", **kw)(vec)
         img_pre, txt_pre = self._pre("img"), self._pre("txt")
-        iq, ik, iv = token_chunks(lambda x, c, s: img_pre(x, img_mod[:, 0], img_mod[:, 1], c, s), chunk,
-                                  img, cos, sin, axes=(1, 0, 0))
-        tq, tk, tv = token_chunks(lambda x: txt_pre(x, txt_mod[:, 0], txt_mod[:, 1]), chunk, txt)
-        cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
-        o = _attend(cfg, cat(iq, tq), cat(ik, tk), cat(iv, tv), kv_lengths)
         n_img = img.shape[1]
-        img = token_chunks(self._post("img", img_mod), chunk, img, o[:, :n_img])
+        # the video q/k/v are written into [img ; txt]-long buffers, the text rows then in place: no concatenation
+        qkv = token_chunks(lambda x, c, s: img_pre(x, img_mod[:, 0], img_mod[:, 1], c, s), chunk,
+                           img, cos, sin, axes=(1, 0, 0), out_len=n_img + txt.shape[1])
+        tqkv = token_chunks(lambda x: txt_pre(x, txt_mod[:, 0], txt_mod[:, 1]), chunk, txt)
+        q, k, v = (write_tokens(a, t, n_img) for a, t in zip(qkv, tqkv))
+        o = _attend(cfg, q, k, v, kv_lengths)
+        img = token_chunks(self._post("img", img_mod), chunk, img, o)            # reads o's first n_img rows
         txt = token_chunks(self._post("txt", txt_mod), chunk, txt, o[:, n_img:])
         return (img, txt), None
 

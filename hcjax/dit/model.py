@@ -2,12 +2,23 @@
 
 Shapes: video latents ``x [B, T, H, W, C]`` (channels-last), timestep ``t [B]`` on the 0..1000 scale, LLaVA
 states ``text_states [B, S, Dt]`` with ``text_mask [B, S]``, CLIP pooled ``text_states_2 [B, D2]``, reference
-latents ``ref_latents [B, 1, H, W, C]``. Tokens: ``L`` video (``T'H'W'``), ``R`` reference (``H'W'``), ``S`` text.
+latents ``ref_latents [B, K, H, W, C]`` (``K`` subjects, 1 in the release). Tokens: ``L`` video (``T'H'W'``),
+``R`` reference (``K H'W'``), ``S`` text.
 
 Structure (spec 5.13): ``vec = time_in(t) + vector_in(clip) [+ guidance_in(g)]``; ``txt = txt_in(...)`` (the
 SingleTokenRefiner with the element-wise mask); ``img = [img_in(ref) ; img_in(x) (+ bg_proj(bg_in(bg)))]``;
 20 double-stream blocks (audio injections after the configured ones), 40 single-stream blocks over
 ``[img ; txt]``, then the final layer on the video tokens and unpatchify.
+
+Multi-subject (issue 24; the paper's "multi-subject" results, not in the release): the ``K`` reference latent
+frames are concatenated in time ahead of the video, ``img = [img_in(ref_1) ; ... ; img_in(ref_K) ; img_in(x)]``.
+RoPE (:func:`hcjax.rope.position_grid`): reference ``k`` sits at time ``-k`` (``-1, -2, ..., -K``) with the SAME
+spatial shift ``w + W'`` as the single reference. Why: the paper names temporal concatenation as the mechanism, so
+each subject gets its own time slot, which keeps the subjects' tokens apart in position (a token of subject 1 and
+the same (h, w) of subject 2 rotate differently), while the shared ``w`` shift is the one the released weights
+learned to mean "reference, not video" for every reference; ``K = 1`` reproduces the release bit for bit. All
+``K H'W'`` reference tokens are dropped before the final layer and get no audio/background features; attention
+sees them as valid image tokens (the kv-length prefix counts them), so sequence padding/sharding are unchanged.
 
 Blocks are stored stacked on a leading ``layers`` axis (``nn.scan`` at init) and run by ``jax.lax.scan`` over
 layer ranges, so the sampler can stop before / resume at the last single block (the step cache of spec 6.4)
@@ -26,7 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import DiTConfig
-from ..layers import Dense, MLPEmbedder, PatchEmbed, TimestepEmbedder, constrain, to_dtype
+from ..layers import (
+    Dense, MLPEmbedder, Modulation, PatchEmbed, TimestepEmbedder, concat, constrain, layer_norm, modulate,
+    to_dtype,
+)
 from ..rope import rope_tables
 from .audio import AudioProjNet2, PerceiverAttentionCA, audio_feature_shape
 from .blocks import (
@@ -50,26 +64,32 @@ class HunyuanDiT(nn.Module):
     """HunyuanCustom DiT. ``apply({"params": p}, x, t, text_states, text_mask, text_states_2, ...)``.
 
     Keyword arguments:
-      ``ref_latents [B,1,H,W,C]``  reference-image latents (prepended tokens, dropped before the final layer)
+      ``ref_latents [B,K,H,W,C]``  reference-image latents, one frame per subject (prepended tokens at RoPE times
+                                   -1..-K, dropped before the final layer)
       ``guidance [B]``             guidance value for guidance-distilled variants (``guidance_embed``)
       ``bg_latents [B,T,H,W,Cbg]`` editing: background + mask latents (``video_condition``)
       ``audio_features``           audio tokens for the audio model (``audio_condition``; see ``audio_hook``)
       ``return_cache``             also return the input of the last single block (``StepCache``)
       ``cache``                    run only the last single block on ``cache.x`` and the final layer
+      ``return_residual``          also return the residual of the block stacks on the video tokens ``[B, L, D]``
+                                   (their output minus their input; TeaCache / MagCache full steps)
+      ``residual``                 residual reuse: the video tokens' output is ``input + residual``, no blocks run
+      ``probe``                    return only the modulated input of the first double block on the video tokens
+                                   ``[B, L, D]`` (``modulate(LN(img), shift1, scale1)``; TeaCache's statistic)
     """
 
     cfg: DiTConfig
 
     def setup(self):
         cfg, kw = self.cfg, dtype_kwargs(self.cfg)
-        self.img_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), **kw)
+        self.img_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), chunk=cfg.ffn_chunk, **kw)
         self.time_in = TimestepEmbedder(cfg.hidden_size, **kw)
         self.vector_in = MLPEmbedder(cfg.hidden_size, ("in_layer", "out_layer"), **kw)
         if cfg.guidance_embed:
             self.guidance_in = TimestepEmbedder(cfg.hidden_size, **kw)
         self.txt_in = SingleTokenRefiner(cfg)
         if cfg.video_condition:
-            self.bg_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), **kw)
+            self.bg_in = PatchEmbed(cfg.hidden_size, tuple(cfg.patch_size), chunk=cfg.ffn_chunk, **kw)
             self.bg_proj = Dense(cfg.hidden_size, ("embed", "mlp"), **kw)
         if cfg.audio_condition:
             self.audio_proj = AudioProjNet2(cfg)
@@ -102,18 +122,20 @@ class HunyuanDiT(nn.Module):
     # -- forward --------------------------------------------------------------------------------------
 
     def __call__(self, x, t, text_states, text_mask, text_states_2, *, ref_latents=None, guidance=None,
-                 bg_latents=None, audio_features=None, audio_strength=1.0, return_cache=False, cache=None):
+                 bg_latents=None, audio_features=None, audio_strength=1.0, return_cache=False, cache=None,
+                 return_residual=False, residual=None, probe=False):
         cfg = self.cfg
         validate_inputs(cfg, x, t, text_states, text_mask, text_states_2, ref_latents, bg_latents, audio_features)
         b, t_, h_, w_, _ = x.shape
         pt, ph, pw = cfg.patch_size
         grid = (t_ // pt, h_ // ph, w_ // pw)
-        n_ref = (h_ // ph) * (w_ // pw) if ref_latents is not None else 0
+        k_ref = 0 if ref_latents is None else ref_latents.shape[1]
+        n_ref = k_ref * (h_ // ph) * (w_ // pw)
         dt = to_dtype(cfg.dtype)
         t = t.astype(jnp.float32)
 
         vec = self.conditioning_vector(t, text_states_2, guidance)
-        cos, sin = rope_tables(grid, cfg.rope_dim_list, cfg.rope_theta, with_ref=ref_latents is not None)
+        cos, sin = rope_tables(grid, cfg.rope_dim_list, cfg.rope_theta, with_ref=k_ref)
         n_img = cos.shape[0]
         kv_lengths = n_img + jnp.sum(text_mask.astype(jnp.int32), axis=1)
         depth = cfg.depth_single_blocks
@@ -128,13 +150,17 @@ class HunyuanDiT(nn.Module):
             if bg_latents is None:
                 raise ValueError("the editing DiT (video_condition=True) needs bg_latents [B,T,H,W,C]")
             vid = vid + self.bg_proj(self.bg_in(bg_latents.astype(dt)))
-        img = vid if ref_latents is None else jnp.concatenate([self.img_in(ref_latents.astype(dt)), vid], axis=1)
+        if probe:
+            return self._modulated_input(vid, vec)
+        if residual is not None:
+            return self._final(vid + residual.astype(vid.dtype), vec, 0, grid, b)
+        img = vid if ref_latents is None else concat([self.img_in(ref_latents.astype(dt)), vid])
         img = constrain(img, ACT)
         txt = constrain(self.txt_in(text_states.astype(dt), t, text_mask), ACT)
 
         img, txt = self._double_blocks(img, txt, vec, cos, sin, kv_lengths, n_ref, grid, audio_features,
                                        audio_strength)
-        xs = constrain(jnp.concatenate([img, txt], axis=1), ACT)
+        xs = constrain(concat([img, txt]), ACT)
         bcast = (vec, cos, sin, kv_lengths)
         if return_cache:
             xs = run_stack(self, SingleStreamBlock, cfg, "single_blocks", depth, xs, bcast, layers=(0, depth - 1))
@@ -143,7 +169,17 @@ class HunyuanDiT(nn.Module):
                            layers=(depth - 1, depth))
             return self._final(xs[:, :n_img], vec, n_ref, grid, b), stored
         xs = run_stack(self, SingleStreamBlock, cfg, "single_blocks", depth, xs, bcast)
-        return self._final(xs[:, :n_img], vec, n_ref, grid, b)
+        out = self._final(xs[:, :n_img], vec, n_ref, grid, b)
+        if return_residual:
+            return out, xs[:, n_ref:n_img] - vid
+        return out
+
+    def _modulated_input(self, vid, vec):
+        """``modulate(LN(vid), shift1, scale1)`` with the first double block's image modulation ``[B, L, D]``."""
+        cfg, kw = self.cfg, dtype_kwargs(self.cfg)
+        p0 = take_layer(self.variables["params"]["double_blocks"], 0, cfg)
+        mod = Modulation(6, parent=None, **kw).apply({"params": p0["img_mod"]}, vec)
+        return modulate(layer_norm(vid, cfg.norm_eps), mod[:, 0], mod[:, 1]).astype(kw["dtype"])
 
     def _double_blocks(self, img, txt, vec, cos, sin, kv_lengths, n_ref, grid, audio_features, audio_strength):
         """The stacked double blocks; the audio model adds adapter ``k`` after block ``audio_inject_blocks[k]``.
@@ -239,10 +275,11 @@ def validate_inputs(cfg: DiTConfig, x, t, text_states, text_mask, text_states_2,
     if ref_latents is not None:
         if pt != 1:
             raise ValueError("reference latents need patch_size[0] == 1")
-        want = (b, 1, hh, ww, cfg.in_channels)
+        k = ref_latents.shape[1] if ref_latents.ndim == 5 else 0
+        want = (b, max(k, 1), hh, ww, cfg.in_channels)
         if tuple(ref_latents.shape) != want:
-            raise ValueError(f"ref_latents must be {list(want)} (one latent frame, same H,W as x); "
-                             f"got {tuple(ref_latents.shape)}")
+            raise ValueError(f"ref_latents must be [B,K,H,W,C]={list(want[:1]) + ['K>=1'] + list(want[2:])} (one "
+                             f"latent frame per subject, same H,W as x); got {tuple(ref_latents.shape)}")
     if bg_latents is not None:
         if not cfg.video_condition:
             raise ValueError("bg_latents given but the DiT config has video_condition=False")
@@ -254,8 +291,9 @@ def validate_inputs(cfg: DiTConfig, x, t, text_states, text_mask, text_states_2,
 
 
 def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_len: int = 8, ref: bool = True,
-                   abstract: bool = False) -> tuple[tuple, dict]:
-    """Positional and keyword inputs of the right shapes (zeros / ShapeDtypeStructs) for init and eval_shape."""
+                   abstract: bool = False, n_ref: int = 1) -> tuple[tuple, dict]:
+    """Positional and keyword inputs of the right shapes (zeros / ShapeDtypeStructs) for init and eval_shape
+    (``n_ref`` reference frames when ``ref``)."""
     t_, h_, w_ = latent_thw
     mk = (lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)) if abstract else (lambda s, d=jnp.float32: jnp.zeros(s, d))
     args = (
@@ -267,7 +305,7 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_le
     )
     kwargs: dict[str, Any] = {}
     if ref:
-        kwargs["ref_latents"] = mk((batch, 1, h_, w_, cfg.in_channels))
+        kwargs["ref_latents"] = mk((batch, n_ref, h_, w_, cfg.in_channels))
     if cfg.guidance_embed:
         kwargs["guidance"] = mk((batch,))
     if cfg.video_condition:

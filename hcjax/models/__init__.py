@@ -22,7 +22,7 @@ import dataclasses
 from pathlib import Path
 
 from .. import dit, sharding, vae
-from ..checkpoint import load_checkpoint_config, load_params, random_params
+from ..checkpoint import check_bundle_configs, load_checkpoint_config, load_params, random_params
 from ..conditioning import clip, llava, whisper
 from ..config import PRESET_DIR, Config, apply_overrides, load_config
 from ..pipeline import Models, place
@@ -121,6 +121,7 @@ def load_bundle(d: str | Path, overrides=(), cfg: Config | None = None, mesh=Non
         if not (d / c / "config.json").is_file():
             raise FileNotFoundError(f"{d}: missing hcjax checkpoint {c}/ (config.json + params/)")
     cfg = cfg or apply_overrides(load_checkpoint_config(d / "dit"), overrides)
+    check_bundle_configs(d, cfg, [c for c in (*COMPONENTS, "whisper") if (d / c / "config.json").is_file()])
     text = load_text_encoders(d / "llava", d / "clip", cfg, mesh=mesh)
     dit_target = None
     if mesh is not None and not (cfg.dit.use_fp8 or cfg.dit.cpu_offload):

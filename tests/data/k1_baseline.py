@@ -1,6 +1,7 @@
 """Single-reference (K = 1) outputs of the tiny models, frozen before multi-subject support (issue 24).
 
-``python -m tests.data.k1_baseline`` wrote ``k1_baseline.npz`` from the code as it was BEFORE the K-reference change;
+``python -m tests.data.k1_baseline`` wrote ``k1_baseline.npz`` from the code as it was BEFORE the K-reference change
+(a copy of the work tree with the issue-24 edits reverted, on top of the other wave-2 edits of that day);
 ``tests/test_multisubject.py`` recomputes :func:`compute` with the current code and asserts bit equality. Do not
 regenerate the file unless a deliberate numerical change to the single-reference path is made (say so in the
 commit). Shapes: DiT output ``[B, T, H, W, C]``, latents ``[1, T', H', W', C]``, text states ``[1, S, D]``.

@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hcjax import lora, memory  # noqa: E402
+from hcjax import batching, lora, memory  # noqa: E402
 from hcjax import models as M  # noqa: E402
 from hcjax import sharding  # noqa: E402
 from hcjax.calibrate_cache import default_ratios_path, load_ratios  # noqa: E402
@@ -51,7 +51,7 @@ from hcjax.conditioning.video import check_editing_files  # noqa: E402
 from hcjax.media import read_image, write_video  # noqa: E402
 from hcjax.runtime import enable_compilation_cache, initialize_distributed, is_main_process  # noqa: E402
 from hcjax.pipeline import (  # noqa: E402
-    MAX_SUBJECTS, Request, compile_denoise, decode, denoise, prepare, validate_request,
+    MAX_SUBJECTS, Request, compile_denoise, decode_batch, denoise, prepare, validate_request,
 )
 
 FROM_MODEL = "default: the model's sample.{}"
@@ -113,9 +113,12 @@ def parse(argv=None):
       help="how attention splits tokens over the sequence axis (= --set dit.sequence_parallel=...)")
     a("--ulysses-degree", type=int, default=None, help="hybrid sequence parallelism: Ulysses all-to-all in groups "
       "of N devices x ring attention across SEQ/N groups (N = SEQ: Ulysses, 1: ring; = --set dit.ulysses_degree=N)")
-    a("--input-json", default=None, help="JSON list of requests (objects with the request flags as keys, e.g. "
-      "pos_prompt, ref_image, video_size, sample_n_frames, seed, output_name); flags given here are defaults")
-    a("--num-images", type=int, default=1, help="samples per request, seeds seed, seed+1, ...")
+    a("--input-json", default=None, help="JSON list of requests: objects whose keys are the per-request flags "
+      "(pos_prompt, ref_image (a path or a list of 1-4), item_name, video_size [H, W], sample_n_frames, seed, "
+      "cache, output_name, num_images, ...); flags given here are defaults. On a mesh with DATA > 1, same-shape "
+      "samples run DATA at a time as one batch")
+    a("--num-images", type=int, default=1, help="samples per request, seeds seed, seed+1, ... (DATA of them at "
+      "once on a mesh with DATA > 1)")
     a("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: process 0's address (with "
       "--num-processes and --process-id); JAX_COORDINATOR_ADDRESS in the environment works too")
     a("--num-processes", type=int, default=None, help="multi-process: number of processes")
@@ -169,21 +172,41 @@ def memory_overrides(args) -> list[str]:
     return sets
 
 
-# --input-json keys: the request flags' names (dashes or underscores) -> the value type each takes
-JSON_FIELDS = {"ref_image": str, "pos_prompt": str, "neg_prompt": str, "item_name": str, "input_audio": str,
-               "audio_strength": float, "input_video": str, "mask_video": str, "expand_scale": int,
-               "video_size": "HW", "sample_n_frames": int, "infer_steps": int, "flow_shift_eval_video": float,
-               "cfg_scale": float, "ip_cfg_scale": float, "use_deepcache": int, "cache": str,
-               "cache_threshold": float, "seed": int, "fps": int,
-               "output_name": str, "num_images": int}
+# --input-json keys: the request flags' names (dashes or underscores) -> the value each takes: a type, "HW" (two
+# integers), "subjects" (a string or a list of 1..MAX_SUBJECTS strings) or a tuple of the allowed values
+JSON_FIELDS = {"ref_image": "subjects", "pos_prompt": str, "neg_prompt": str, "item_name": "subjects",
+               "input_audio": str, "audio_strength": float, "input_video": str, "mask_video": str,
+               "expand_scale": int, "pose_enhance": bool, "dwpose_dir": str, "video_size": "HW",
+               "sample_n_frames": int, "infer_steps": int, "flow_shift_eval_video": float, "cfg_scale": float,
+               "ip_cfg_scale": float, "use_deepcache": (0, 1), "cache": tuple(CACHE_MODES), "cache_threshold": float,
+               "cache_ratios": str, "seed": int, "fps": int, "output_name": str, "num_images": int}
+# the flags that apply to the whole run (model, mesh, processes, outputs directory, ...), not to one request
+RUN_FLAGS = {"save_path", "config", "set", "ckpt_dir", "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk", "mesh",
+             "sequence_parallel", "ulysses_degree", "input_json", "coordinator", "num_processes", "process_id",
+             "distributed", "lora", "lora_scale", "lora_mode", "no_compile_cache", "debug"}
 FILE_FLAGS = {"ref_image": "--ref-image", "input_audio": "--input-audio", "input_video": "--input-video",
-              "mask_video": "--mask-video"}
+              "mask_video": "--mask-video", "cache_ratios": "--cache-ratios"}
 
 
 def _typed(value, kind, where: str):
     if kind == "HW":
         if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
             raise ValueError(f"{where}: expected [height, width] (two integers); got {value!r}")
+        return value
+    if kind == "subjects":
+        ok = isinstance(value, str) or (isinstance(value, list) and 1 <= len(value) <= MAX_SUBJECTS
+                                        and all(isinstance(v, str) for v in value))
+        if not ok:
+            raise ValueError(f"{where}: expected a string or a list of 1 to {MAX_SUBJECTS} strings (one per "
+                             f"subject); got {value!r}")
+        return value
+    if isinstance(kind, tuple):
+        if value not in kind or type(value) is not type(kind[0]):
+            raise ValueError(f"{where}: expected one of {', '.join(map(json.dumps, kind))}; got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false; got {value!r}")
         return value
     want = {str: "a string", int: "an integer", float: "a number"}[kind]
     ok = isinstance(value, str) if kind is str else type(value) is int if kind is int else type(value) in (int, float)
@@ -329,7 +352,8 @@ def check_before_load(args, src, req) -> None:
     else:
         what = "the demo model" if src.kind == "demo" else f"--ckpt-dir {args.ckpt_dir}"
     h, w = req.video_size
-    memory.check(memory.request_estimate(src.cfg, req, random_weights=src.kind == "random"),
+    _, mesh_cfg = sampling_mesh(args, src.cfg)         # on a mesh: per-device shares (None: one device)
+    memory.check(memory.request_estimate(src.cfg, req, random_weights=src.kind == "random", mesh=mesh_cfg),
                  f"{what} at {req.frames} frames {w}x{h}",
                  "try a smaller --video-size / --sample-n-frames, --cfg-batch 1, --ffn-chunk N, or a smaller model")
 
@@ -382,13 +406,20 @@ def run(args) -> list[Path]:
         placement = dict(placement, lora=list(args.lora), lora_scale=args.lora_scale, lora_mode=args.lora_mode)
     load_s = time.perf_counter() - t0
     written = []
-    for req, stem in jobs:
-        timings = {"load_s": load_s if not written else 0.0}
-        phase("prepare")
-        prep = prepare(models, req)
+    unmerged = args.lora and args.lora_mode == "unmerged"
+
+    def prepared():
+        for req, stem in jobs:
+            phase("prepare")
+            yield prepare(models, req), (req, stem)
+
+    # on a mesh with data > 1, same-shape samples run D at a time as one batch (hcjax.batching)
+    for n, group in enumerate(batching.groups(models, prepared())):
+        timings = {"load_s": load_s if n == 0 else 0.0}
+        prep = batching.stack(models, [p for p, _ in group])
         phase("compile")
         t1 = time.perf_counter()
-        with lora.lora_scope() if args.lora and args.lora_mode == "unmerged" else contextlib.nullcontext():
+        with lora.lora_scope() if unmerged else contextlib.nullcontext():
             compile_denoise(models, prep, report_steps=True)      # unmerged: traced with the LoRA interceptor
         timings["compile_s"] = time.perf_counter() - t1
         phase("denoise")
@@ -396,17 +427,20 @@ def run(args) -> list[Path]:
             latents = denoise(models, prep, on_step=lambda i: bar.update(1))
         phase("decode")
         t2 = time.perf_counter()
-        frames = decode(models, latents)
+        videos = decode_batch(models, latents[:len(group)])
         timings.update(prep.timings, vae_decode_s=time.perf_counter() - t2)
         if not main:
             continue
-        video = write_outputs(out_dir, stem, req, frames, timings, args, src, placement)
-        written.append(video)
-        total = sum(v for k, v in timings.items() if k in ("load_s", "prepare_s", "compile_s", "denoise_s",
-                                                             "vae_decode_s"))
-        print(f"wrote {video} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}); load "
-              f"{timings['load_s']:.1f}s, compile {timings['compile_s']:.1f}s, denoise {timings['denoise_s']:.1f}s "
-              f"({timings['s_per_step']:.2f} s/step), total {total:.1f}s")
+        for (own, (req, stem)), frames in zip(group, videos):
+            sample_timings = dict(timings, prepare_s=own.timings.get("prepare_s", timings.get("prepare_s")))
+            video = write_outputs(out_dir, stem, req, frames, sample_timings, args, src, placement)
+            written.append(video)
+            total = sum(v for k, v in sample_timings.items()
+                        if k in ("load_s", "prepare_s", "compile_s", "denoise_s", "vae_decode_s"))
+            print(f"wrote {video} ({frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}); load "
+                  f"{timings['load_s']:.1f}s, compile {timings['compile_s']:.1f}s, denoise "
+                  f"{timings['denoise_s']:.1f}s ({timings['s_per_step']:.2f} s/step"
+                  f"{f', {len(group)} samples at once' if len(group) > 1 else ''}), total {total:.1f}s")
     return written
 
 

@@ -12,7 +12,8 @@ XLA's FLOP count of each stage, and the time per 50-step video they imply on 8x 
   activations, chunked attention, params sharded by the default rules (embed over fsdp x sequence), tokens over
   ``sequence``. That is the program ``sample.py --mesh`` compiles (its loop runs this body N times).
 * ``vae``: the masked decode tile of the tiled VAE (17 latent frames x 32 x 32 -> 65 x 256 x 256 px), fp32 as the
-  pipeline runs it; a 720p/129f decode is 84 such tiles, spread over the devices as whole tiles.
+  pipeline runs it, on one device and as the spread decode (one tile per device of ``--mesh``, D at once); a
+  720p/129f decode is 84 such tiles.
 * ``text``: ``llava_states`` (LLaVA-Llama-3-8B, hidden-state skip 2) on the 351 prompt tokens + 576 image
   features for the positive and negative prompts, and CLIP-L's pooled output; bf16, ``TEXT_RULES`` (embed over
   fsdp), mesh (1, 8, 1, 1).
@@ -48,7 +49,7 @@ from hcjax.conditioning.llava import num_image_features  # noqa: E402
 from hcjax.conditioning.text import clip_pooled  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.dit.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
-from hcjax.vae.tiling import tile_fn, tiling_constants  # noqa: E402
+from hcjax.vae.tiling import spread_fn, tile_fn, tiling_constants  # noqa: E402
 
 GB, T = 1e9, 1e12
 PEAK = {"8x H100 SXM": (8, 989e12), "TPU v5p-8 (4 chips)": (4, 459e12)}
@@ -135,7 +136,7 @@ def _block_flops(cfg, cls, batch: int, n_img: int, n_txt: int) -> float:
     return float(cost["flops"])
 
 
-def stage_vae() -> None:
+def stage_vae(mesh_shape=(1, 1, 8, 1)) -> None:
     cfg = preset("hunyuancustom_720p").vae
     k = tiling_constants(cfg)
     shape = (1, k["tile_lat_t"] + 1, k["tile_lat"], k["tile_lat"], cfg.latent_channels)
@@ -146,6 +147,16 @@ def stage_vae() -> None:
     compiled = tile_fn(cfg, "decode").lower(params, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=dev),
                                             jax.ShapeDtypeStruct((3,), jnp.int32, sharding=dev)).compile()
     flops = _report("vae tile", compiled, time.perf_counter() - t0)
+    # the spread decode (hcjax.vae.tiling.spread_fn): D tiles stacked, one per device, params replicated
+    mesh = S.make_mesh(MeshConfig(*mesh_shape))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    per = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    t0 = time.perf_counter()
+    spread = spread_fn(cfg, "decode", mesh).lower(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params),
+        jax.ShapeDtypeStruct((mesh.size, *shape), jnp.float32, sharding=per),
+        jax.ShapeDtypeStruct((mesh.size, 3), jnp.int32, sharding=per)).compile()
+    _report(f"vae spread, {mesh.size} tiles at once", spread, time.perf_counter() - t0)
     lt, lh, lw = (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8
     tiles = len(range(0, lt, k["dec_stride_lat_t"])) * len(range(0, lh, k["dec_stride_lat"])) * \
         len(range(0, lw, k["dec_stride_lat"]))
@@ -200,7 +211,8 @@ def main(argv=None) -> int:
         return 0
     if jax.device_count() < 8:
         raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (or without --stage)")
-    {"step": lambda: stage_step(tuple(args.mesh), args.ulysses_degree), "vae": stage_vae, "text": stage_text}[
+    {"step": lambda: stage_step(tuple(args.mesh), args.ulysses_degree), "vae": lambda: stage_vae(tuple(args.mesh)),
+     "text": stage_text}[
         args.stage]()
     return 0
 

@@ -9,7 +9,8 @@ the signal after a delay drawn uniformly from ``[0, D]`` (seeded; the delay cove
 the work and writing). A trial passes when the process ends with 130 (SIGINT) / 143 (SIGTERM) and one
 ``interrupted|terminated`` line without a traceback, or, when the signal came after the work was done, with 0
 and a complete output (within 1 s of the signal: the teardown ignores signals; later, the interrupt was
-"lost"). Leftovers: any file in the output location other than a complete result (sample: an
+"lost"; a finished program ignores signals only while its ``atexit`` handlers run, :func:`hcjax.cli.exit_process`).
+Leftovers: any file in the output location other than a complete result (sample: an
 ``.mp4`` with its ``.json``; train: nothing, or a resumable run with a complete checkpoint; precompute: nothing or a
 complete dataset with ``index.json``; convert: nothing or a checkpoint with ``config.json``). A negative exit
 code (e.g. -11, a segfault) is reported as a crash. The last line is the summary per entry point.
@@ -152,13 +153,14 @@ def main(argv=None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
             duration = times[-1]
             print(f"{kind}: uninterrupted runs {times[0]:.1f}s (cold), {duration:.1f}s (warm)", flush=True)
-            results = collections.Counter()
+            results, codes = collections.Counter(), collections.Counter()
             for i in range(args.trials):
                 sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
                 delay = rnd.uniform(0.0, duration)
                 out = work / f"{kind}-{i}"
                 r = trial(cmds[kind](out), out, delay, sig, env)
                 verdict = judge(kind, r, sig, out)
+                codes[r["rc"]] += 1
                 results[verdict.split(" [")[0] if verdict.startswith("leftovers") else verdict] += 1
                 print(f"  {kind} #{i:2d} {signal.Signals(sig).name:7s} at {delay:5.1f}s -> rc {r['rc']:4d} "
                       f"({r['t']:.1f}s): {verdict}", flush=True)
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
                     print("    | " + "\n    | ".join(r["err"].strip().splitlines()[-12:]), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             summary[kind] = dict(results)
+            print(f"{kind}: {args.trials} trials, exit codes {dict(sorted(codes.items()))}, verdicts {dict(results)}",
+                  flush=True)
         print("summary: " + "; ".join(f"{k}: {dict(v)}" for k, v in summary.items()))
         bad = sum(n for v in summary.values() for k, n in v.items() if not k.startswith("ok"))
         return 1 if bad else 0

@@ -12,7 +12,8 @@ function. Floors, bottom up:
                    ``hcjax.runtime`` (compilation cache)
 2. models          ``hcjax.dit`` (incl. the AudioNet adapters and bg_in: DiT parameters), ``hcjax.vae``,
                    ``hcjax.conditioning`` (LLaMA, CLIP, LLaVA, Whisper, text encoding, editing inputs)
-3. run             ``hcjax.pipeline``, ``hcjax.training``, ``hcjax.vae_training``, ``hcjax.lora``, ``hcjax.memory``
+3. run             ``hcjax.pipeline``, ``hcjax.batching`` (several samples in one loop over the mesh's data axis),
+                   ``hcjax.training``, ``hcjax.vae_training``, ``hcjax.lora``, ``hcjax.memory``
                    (memory estimates before allocating), ``hcjax.data``
                    (incl. ``data.encode``: latents + text states for training); ``convert_weights`` (strict tables;
                    imports models only for abstract shapes)

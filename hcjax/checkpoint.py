@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
+from .cli import hold_interrupts
 from .config import Config, ConfigError, config_from_json, to_dict
 
 
@@ -41,9 +45,12 @@ def save_params(path: str | Path, params: Any, cfg: Config, *, overwrite: bool =
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", params)
-        ckptr.wait_until_finished()
+        # a KeyboardInterrupt raised in a Python callback that tensorstore runs from C++ during the save aborts
+        # the process (std::terminate, exit -6, the temporary directory left): the interrupt waits for the save
+        with hold_interrupts():
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
         (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -64,39 +71,126 @@ def load_checkpoint_config(path: str | Path) -> Config:
 
 def load_params(path: str | Path, abstract: Any = None) -> Any:
     """Restore params; ``abstract`` (tree of ``jax.ShapeDtypeStruct`` with shardings) places them directly.
-    A checkpoint whose tensor files are truncated or corrupt is a ``ValueError`` naming ``path``."""
+    A checkpoint whose tensor files are truncated or corrupt is a ``ValueError`` naming ``path`` (truncated files
+    are found by :func:`check_tensor_files` before orbax starts reading; corrupt contents when a read fails,
+    without the reports of orbax's abandoned reads: :func:`_quiet_abandoned_reads`)."""
     path = Path(path).absolute()
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"{path}: not an hcjax checkpoint (missing params/)")
+    check_tensor_files(path / "params", name=path)
     ckptr = ocp.StandardCheckpointer()
+    with _quiet_abandoned_reads() as failed:
+        try:
+            if abstract is None:
+                return ckptr.restore(path / "params")
+            return ckptr.restore(path / "params", jax.tree.map(_as_struct, abstract))
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:           # orbax / tensorstore errors of many types for damaged files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
+            failed.append(f"{path}: cannot restore the hcjax checkpoint (params/ truncated, corrupt or of another "
+                          f"model?): {type(e).__name__}: {first[:300]}")
+    raise ValueError(failed[0])        # after the abandoned reads are settled (the exception ``e`` held them)
+
+
+def check_tensor_files(directory: str | Path, name: str | Path | None = None) -> None:
+    """Every byte range the OCDBT index of the orbax tree ``directory`` refers to (B+tree nodes, tensor values)
+    lies inside its file: a truncated file (an interrupted copy or download) is a ``ValueError`` naming the file,
+    raised before any tensor is read. Reads only the index (``manifest.ocdbt`` and the B+tree nodes: kilobytes);
+    a tree without ``manifest.ocdbt`` (not OCDBT) is not checked. Synchronous tensorstore reads: a failure here has
+    no background reads left to report it again (orbax's concurrent restore does)."""
+    directory = Path(directory).absolute()
+    name = name or directory
+    if not (directory / "manifest.ocdbt").is_file():
+        return
+    sizes: dict[Path, int] = {}
+
+    def check(ref: str) -> None:                        # "<kind>:<base>:<path>:<offset>:<length>"
+        head, offset, length = ref.rsplit(":", 2)
+        _, base, rel = head.split(":", 2)
+        f = directory / base / rel
+        if f not in sizes:
+            sizes[f] = f.stat().st_size if f.is_file() else -1
+        end = int(offset) + int(length)
+        if sizes[f] < 0:
+            raise ValueError(f"{name}: cannot restore the hcjax checkpoint: {f.relative_to(directory.parent)} is "
+                             f"missing (an incomplete copy?)")
+        if sizes[f] < end:
+            raise ValueError(f"{name}: cannot restore the hcjax checkpoint: {f.relative_to(directory.parent)} is "
+                             f"truncated (holds {sizes[f]} bytes, its index refers to bytes up to {end}; an "
+                             f"interrupted copy or download?)")
+
     try:
-        if abstract is None:
-            return ckptr.restore(path / "params")
-        return ckptr.restore(path / "params", jax.tree.map(_as_struct, abstract))
-    except (KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as e:           # orbax / tensorstore errors of many types for damaged files
+        kv = ts.KvStore.open(f"file://{directory}/").result()
+        versions = ts.ocdbt.dump(kv).result().get("versions", [])
+        stack = [versions[-1]["root"]["location"]] if versions and "location" in versions[-1]["root"] else []
+        while stack:
+            loc = stack.pop()
+            check(loc)
+            for entry in ts.ocdbt.dump(kv, loc).result().get("entries", []):
+                for v in entry.values():
+                    if isinstance(v, str) and v.startswith("btreenode:"):
+                        stack.append(v)
+                    elif isinstance(v, str) and v.startswith("value:"):
+                        check(v)
+    except Exception as e:                              # tensorstore: ValueError; a damaged index: also others
+        if isinstance(e, ValueError) and str(e).startswith(f"{name}: "):
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _drop_failed_reads()
-        raise ValueError(f"{path}: cannot restore the hcjax checkpoint (params/ truncated, corrupt or of another "
-                         f"model?): {type(e).__name__}: {first[:300]}") from None
+        raise ValueError(f"{name}: cannot restore the hcjax checkpoint: its index ({directory.name}/manifest.ocdbt "
+                         f"and B+tree nodes) is unreadable (truncated or corrupt?): {first[:300]}") from None
 
 
-def _drop_failed_reads() -> None:
-    """After a failed restore, orbax's other (never awaited) read coroutines hold the same error: finalise them
-    now, without their "Exception ignored in <coroutine ...>" tracebacks: the one error line says it all."""
-    hook = sys.unraisablehook
+def _abandoned_read_error(u) -> bool:
+    """An error of orbax's abandoned reads after a failed restore: an un-awaited read coroutine, or a tensorstore
+    read that completes after orbax closed its event loop (``RuntimeError: Event loop is closed`` raised in the
+    callback that would wake it)."""
+    if type(u.object).__name__ == "coroutine" and isinstance(u.exc_value, Exception):
+        return True
+    return isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+
+
+def _abandoned_log_record(record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    return "exception was never retrieved" in msg or "Task was destroyed but it is pending" in msg
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads(quiet_for: float = 0.3, at_most: float = 3.0) -> Iterator[list]:
+    """Around an orbax restore: when it fails (the body appends its message to the yielded list), orbax's other
+    reads are still in flight in tensorstore threads and report the same damage again once they complete, each
+    with a traceback (in the unraisable hook, or asyncio's "... exception was never retrieved" log when their
+    tasks are collected). Drop those reports, wait for the reads (until none has reported for ``quiet_for``
+    seconds, at most ``at_most``) and collect the abandoned coroutines, tasks and futures: the one error line says
+    it all. Other errors pass as before."""
+    hook, log, failed = sys.unraisablehook, logging.getLogger("asyncio"), []
+    last = [time.monotonic()]
 
     def quiet(u):
-        if not (type(u.object).__name__ == "coroutine" and isinstance(u.exc_value, Exception)):
+        if _abandoned_read_error(u):
+            last[0] = time.monotonic()
+        else:
             hook(u)
 
+    def keep(record: logging.LogRecord) -> bool:
+        if _abandoned_log_record(record):
+            last[0] = time.monotonic()
+            return False
+        return True
+
     sys.unraisablehook = quiet
+    log.addFilter(keep)
     try:
-        gc.collect()
+        yield failed
+        if failed:                       # here the failed restore's exception (and its frames) is released
+            end = time.monotonic() + at_most
+            gc.collect()
+            while time.monotonic() < end and time.monotonic() - last[0] < quiet_for:
+                time.sleep(0.05)
+            gc.collect()
     finally:
         sys.unraisablehook = hook
-
+        log.removeFilter(keep)
 
 
 # Config sections that set each bundle component's parameters, and fields in them that only change execution.
@@ -196,9 +290,10 @@ class TrainCheckpoints:
         """Start saving ``step`` (returns once the arrays are copied off the devices)."""
         if step in self.manager.all_steps():
             raise FileExistsError(f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite")
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(to_dict(cfg))), force=True)
+        with hold_interrupts():          # save() first waits for the previous save (see wait())
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(to_dict(cfg))), force=True)
         if not saved:
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
 
@@ -212,16 +307,32 @@ class TrainCheckpoints:
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.steps()})")
         target = None if abstract_state is None else jax.tree.map(_as_struct, abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        where = self.directory / str(step)
+        check_tensor_files(where / "state", name=where)
+        with _quiet_abandoned_reads() as failed:
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                return out["state"], out["data"]
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as e:       # damaged tensor files, or a state of another structure
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
+                failed.append(f"{where}: cannot restore the training checkpoint (state/ truncated, corrupt or of "
+                              f"another config?): {type(e).__name__}: {first[:300]}")
+        raise ValueError(failed[0])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Join the running save. Orbax's ``wait_until_finished`` catches every exception raised while it joins the
+        save thread, an interrupt included (logged and dropped, the step forgotten): Ctrl-C / SIGTERM there would
+        be lost and the run would go on. Interrupts are held until the save is complete (``hold_interrupts``)."""
+        with hold_interrupts():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with hold_interrupts():
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 def check_workdir(path: str | Path, flag: str = "--workdir") -> Path:

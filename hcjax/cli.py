@@ -9,17 +9,21 @@
   name, then rename), so an interrupt leaves no partial file. An interrupt raised where Python cannot propagate it
   (a garbage-collector callback such as JAX's, a ``__del__``: "Exception ignored in ...") is not lost: the
   unraisable hook delivers it again to the main program (``_thread.interrupt_main`` from a timer
-  thread, 0.1 s later).
+  thread, 0.1 s later). Library code that catches every exception (orbax's ``CheckpointManager.wait_until_finished``
+  logs and drops anything raised while it joins its save thread, a ``KeyboardInterrupt`` included) runs inside
+  :func:`hold_interrupts`: a signal arriving there is delivered again when the block ends.
 """
 
 from __future__ import annotations
 
 import _thread
+import atexit
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError)
 
@@ -45,6 +49,32 @@ def _redeliver_interrupts(previous_hook):
         previous_hook(unraisable)
 
     return hook
+
+
+@contextlib.contextmanager
+def hold_interrupts() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving inside the block are held and raised again (``signal.raise_signal``, to the handlers
+    in place before) when it ends, so code that swallows every exception cannot lose them; outside the main
+    thread (where Python runs no handlers) a no-op. The block should be bounded (a wait for a checkpoint save):
+    the interrupt takes effect when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame):
+        held.append(signum)
+
+    for s in previous:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def error_line(e: BaseException) -> str:
@@ -88,16 +118,24 @@ def run_cli(main: Callable[[], int | None], *, debug: bool = False,
 def exit_process(code: int) -> None:
     """Leave with ``code``. After an interrupt (130/143) the process ends at once (``os._exit`` after flushing):
     tearing the interpreter down while XLA's threads still run can crash (a segfault instead of the exit code).
-    Otherwise the work is done (or failed with its message): SIGINT/SIGTERM are ignored from here on, so a signal
-    during the interpreter's teardown (which resets Python's handlers to the default: death by the signal, exit
-    -2/-15) cannot turn a finished run into a crash."""
+    Otherwise the work is done (or failed with its message): SIGINT/SIGTERM are ignored from here on, the other
+    non-daemon threads are joined and the ``atexit`` handlers run (log flushing, ``jax.distributed`` shutdown,
+    ``weakref.finalize`` clean-ups) as at a normal exit, and the process ends with ``os._exit``: the rest of the
+    interpreter's teardown (destroying the XLA client and every module: over a second after a training run, with
+    signals ignored, and a known place for crashes) is skipped; every file was closed by the program."""
     sys.stdout.flush()
     sys.stderr.flush()
     if code in (130, 143):
         os._exit(code)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(code)
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def guard_imports(name: str = "") -> None:

@@ -17,6 +17,13 @@ An estimate is a sum of named parts in bytes:
 * ``runtime``: the XLA runtime, Python and libraries (1.1 GB: the measured peak RSS of the demo default,
   whose parameters are 7.5 MB).
 
+On a mesh (``mesh=``: a ``MeshConfig``, a ``jax.sharding.Mesh`` or ``{axis: degree}``) the parts are **per
+device**: each parameter tensor divided by the mesh degrees its sharding splits it over (the logical names of the
+boxed abstract params through the run's rule set: the DiT by ``mesh.rules``, LLaVA/CLIP by the text rules; the VAE
+and Whisper stay whole, as :func:`hcjax.pipeline.place` leaves them), the DiT activations divided by the
+``sequence`` degree (its tokens, or with Ulysses its heads, are split over that axis). Such a part is listed in
+``Estimate.per_device``; against host memory the ``local_devices`` of this process each hold their share.
+
 :func:`check` compares the total with the memory available (the default device's ``memory_stats()`` when the
 backend reports a limit, else the host's ``MemAvailable`` from ``/proc/meminfo``) and raises :class:`MemoryError`
 (a ``ValueError``: one line, exit 2 in every entry point) naming the config and the estimate. The environment
@@ -36,8 +43,9 @@ import jax
 import numpy as np
 
 from . import dit, vae
+from .axes import AXES, RULE_SETS, TEXT_RULES, fit_spec
 from .conditioning import clip, llava, whisper
-from .config import Config
+from .config import Config, MeshConfig
 from .media import probe
 
 GB = 1e9
@@ -55,10 +63,19 @@ class Estimate:
     """Named parts in bytes (see the module docstring)."""
 
     parts: dict[str, int] = dataclasses.field(default_factory=dict)
+    per_device: set[str] = dataclasses.field(default_factory=set)     # parts each device of a mesh holds
+    devices: int = 1                    # mesh size (1: no mesh)
+    local_devices: int = 1              # mesh devices of this process (they share its host memory)
 
     @property
     def total(self) -> int:
+        """Bytes of one device (the whole run without a mesh)."""
         return int(sum(self.parts.values()))
+
+    @property
+    def host_total(self) -> int:
+        """Bytes of this process's host memory when its devices live there (CPU): every local device's share."""
+        return int(sum(v * (self.local_devices if k in self.per_device else 1) for k, v in self.parts.items()))
 
     def group(self, prefix: str) -> int:
         return int(sum(v for k, v in self.parts.items() if k.split("/")[0] == prefix))
@@ -90,6 +107,47 @@ def _bytes(abstract) -> int:
 
 def _largest(abstract) -> int:
     return max((math.prod(x.shape) for x in _leaves(abstract)), default=0)
+
+
+def mesh_degrees(mesh) -> dict[str, int] | None:
+    """``{axis: degree}`` of a ``MeshConfig`` (resolved: no -1), a ``jax.sharding.Mesh`` or a mapping; ``None``
+    for no mesh."""
+    if mesh is None:
+        return None
+    if isinstance(mesh, MeshConfig):
+        if -1 in mesh.shape:
+            raise ValueError(f"memory estimate: resolve the mesh degrees first (got {dict(zip(AXES, mesh.shape))})")
+        return dict(zip(AXES, mesh.shape))
+    return {a: int(dict(mesh.shape if hasattr(mesh, "shape") else mesh).get(a, 1)) for a in AXES}
+
+
+def sharded_bytes(abstract, degrees: dict[str, int] | None, rules) -> int:
+    """Bytes one device holds of the boxed abstract params ``abstract`` sharded over a mesh of ``degrees`` by the
+    logical-axis ``rules`` (each tensor divided by the degrees of the mesh axes its fitted spec names; unboxed
+    leaves are replicated). ``degrees=None``: the whole tree."""
+    if degrees is None:
+        return _bytes(abstract)
+    mesh = _Degrees(degrees)
+    total = 0
+    for leaf in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        names = leaf.names if isinstance(leaf, nn.Partitioned) else None
+        x = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        n = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        split = 1
+        if names:
+            spec = fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), tuple(x.shape), mesh)
+            for entry in spec:
+                for a in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+                    split *= degrees[a]
+        total += -(-n // split)
+    return int(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Degrees:
+    """What :func:`hcjax.axes.fit_spec` needs of a mesh: ``shape`` (axis -> degree)."""
+
+    shape: dict
 
 
 def abstract_components(cfg: Config, text: bool = True) -> dict:
@@ -152,30 +210,43 @@ def vae_decode_bytes(cfg: Config, frames: int, height: int, width: int) -> int:
 
 
 def sampling_estimate(cfg: Config, frames: int, height: int, width: int, branches: int = 2,
-                      random_weights: bool = False) -> Estimate:
-    """Peak bytes of one ``sample.py`` run: parameters + the largest activations + the runtime."""
-    est = Estimate()
+                      random_weights: bool = False, mesh=None) -> Estimate:
+    """Peak bytes of one ``sample.py`` run: parameters + the largest activations + the runtime; with ``mesh``
+    per device (module docstring)."""
+    degrees = mesh_degrees(mesh)
+    devices = math.prod(degrees.values()) if degrees else 1
+    est = Estimate(devices=devices)
+    if devices > 1:
+        est.local_devices = max(1, min(devices, jax.local_device_count()))
+        rules = {"dit": RULE_SETS[getattr(mesh, "rules", "default")], "llava": TEXT_RULES, "clip": TEXT_RULES}
     comps = abstract_components(cfg)
     for k, a in comps.items():
-        est.parts[f"params/{k}"] = _bytes(a)
+        if devices > 1 and k in rules:
+            est.parts[f"params/{k}"] = sharded_bytes(a, degrees, rules[k])
+            est.per_device.add(f"params/{k}")
+        else:
+            est.parts[f"params/{k}"] = _bytes(a)
     if random_weights:
         est.parts["params/random-init"] = 8 * max(_largest(a) for a in comps.values())
     per_pass = min(branches, cfg.dit.cfg_batch) if cfg.dit.cfg_batch else branches
     tokens = dit_tokens(cfg, frames, height, width, reference=not cfg.dit.video_condition)
-    est.parts["activations/dit"] = dit_block_bytes(cfg, per_pass, tokens)
+    seq = degrees.get("sequence", 1) if degrees else 1
+    est.parts["activations/dit"] = -(-dit_block_bytes(cfg, per_pass, tokens) // seq)
+    if devices > 1:
+        est.per_device.add("activations/dit")
     est.parts["activations/vae-decode"] = vae_decode_bytes(cfg, frames, height, width)
     est.parts["runtime/xla"] = RUNTIME_BYTES
     return est
 
 
-def request_estimate(cfg: Config, req, random_weights: bool = False) -> Estimate:
+def request_estimate(cfg: Config, req, random_weights: bool = False, mesh=None) -> Estimate:
     """:func:`sampling_estimate` of a :class:`hcjax.pipeline.Request` (editing: the input video's frame count and
     size, read from its header)."""
     frames, (height, width) = req.frames, req.video_size
     if req.input_video is not None:
         info = probe(req.input_video)
         frames, height, width = (info.frames - 1) // 4 * 4 + 1, info.height, info.width
-    return sampling_estimate(cfg, frames, height, width, req.guidance().branches(), random_weights)
+    return sampling_estimate(cfg, frames, height, width, req.guidance().branches(), random_weights, mesh)
 
 
 def training_estimate(cfg: Config) -> Estimate:
@@ -228,8 +299,8 @@ def host_available() -> int | None:
 
 def available_memory() -> tuple[int | None, str]:
     """``(bytes, where)``: ``$HCJAX_MEMORY_LIMIT``, else the default device's free memory when the backend reports
-    it (``memory_stats()``), else the host's available memory; ``None`` when nothing is known or the check is
-    off."""
+    it (``memory_stats()``; ``where`` starts with ``free on device``), else the host's available memory; ``None``
+    when nothing is known or the check is off."""
     env = os.environ.get(LIMIT_ENV, "").strip()
     if env.lower() == "off":
         return None, f"{LIMIT_ENV}=off"
@@ -245,10 +316,18 @@ def available_memory() -> tuple[int | None, str]:
 
 def check(estimate: Estimate, what: str, hint: str = "") -> Estimate:
     """Raise :class:`MemoryEstimateError` (one line naming ``what`` and the estimate) when the estimate exceeds the
-    available memory; return the estimate otherwise."""
+    available memory; return the estimate otherwise. On a mesh, a device's memory is compared with one device's
+    share (:attr:`Estimate.total`), the host's (and ``HCJAX_MEMORY_LIMIT``, a per-process limit) with all the
+    shares of this process's devices (:attr:`Estimate.host_total`)."""
     avail, where = available_memory()
-    if avail is not None and estimate.total > avail:
+    on_device = where.startswith("free on device")
+    need = estimate.total if on_device else estimate.host_total
+    if avail is not None and need > avail:
+        mesh = ""
+        if estimate.devices > 1:
+            mesh = (f" per device of {estimate.devices}" if on_device else
+                    f" for its {estimate.local_devices} local devices of a {estimate.devices}-device mesh")
         raise MemoryEstimateError(
-            f"{what} needs about {_gb(estimate.total)} ({estimate.summary()}) but only {_gb(avail)} is available ({where})"
+            f"{what} needs about {_gb(need)}{mesh} ({estimate.summary()}) but only {_gb(avail)} is available ({where})"
             + (f"; {hint}" if hint else "") + f" ({LIMIT_ENV}=off skips this check)")
     return estimate

@@ -11,7 +11,9 @@ On a mesh (:func:`place`, or ``generate(..., mesh=...)``): the DiT's params are 
 (``embed`` over fsdp x sequence, heads/MLP over tensor), the text towers' by the text rules (fsdp, tensor), the
 prepared inputs are replicated and the DiT's activations split by its constraints: guidance branches over
 ``data x fsdp``, tokens over ``sequence`` (Ulysses / ring / hybrid attention, ``dit.sequence_parallel`` and
-``dit.ulysses_degree``). The VAE and Whisper run locally on each process (identical inputs, identical results).
+``dit.ulysses_degree``). The VAE encode and Whisper run locally on each process (identical inputs, identical
+results); the VAE decode spreads its tiles over all the mesh's devices (``Models.vae_on_mesh``). Several samples
+share one loop through :mod:`hcjax.batching` (``[N, ...]`` noise, ``[N x Bc, ...]`` conditions, sample-major).
 With several processes every process runs the same calls on the same host inputs and gets the same host result;
 only the caller decides who writes files (``hcjax.runtime.is_main_process``).
 """
@@ -43,6 +45,7 @@ from .scheduler import (
 )
 from .scheduler import sigmas as make_sigmas
 from .vae import decode_latents, encode_video
+from .vae.tiling import on_mesh as vae_on_mesh
 
 DEFAULT_REF_IMAGE = "assets/demo_subject.png"
 MAX_SUBJECTS = 4                      # reference images per request (multi-subject, issue 24)
@@ -100,14 +103,15 @@ class Guidance:
 
 
 def combine(v: jax.Array, step: jax.Array, num_steps: int, g: Guidance, dtype) -> jax.Array:
-    """Guidance combination of the per-branch velocities ``v [Bc, ...]`` -> ``[1, ...]`` (spec 6.3)."""
+    """Guidance combination of the per-branch velocities ``v [N * Bc, ...]`` (sample-major: each sample's Bc
+    branches in a row) -> ``[N, ...]`` (spec 6.3)."""
     v = v.astype(dtype)
     if g.ip_cfg_scale > 0:
         s = g.ip_cfg_scale - step.astype(jnp.float32) * (g.ip_cfg_scale - 1.0) / (num_steps - 1 + 1e-3)
-        vu, vt, vip = v[0:1], v[1:2], v[2:3]
+        vu, vt, vip = v[0::3], v[1::3], v[2::3]
         return vu + jnp.asarray(g.cfg_scale, dtype) * (vt - vu) + s.astype(dtype) * (vip - vt)
     if g.cfg_scale > 1.0:
-        vu, vc = v[0:1], v[1:2]
+        vu, vc = v[0::2], v[1::2]
         return vu + jnp.asarray(g.cfg_scale, dtype) * (vc - vu)
     return v
 
@@ -159,8 +163,9 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
     retain = int(round(guidance.cache_retain * num_steps))
 
     def model(params, x, t, conds: Conditions, **kw):
-        b = conds.batch
-        xb = jnp.broadcast_to(x, (b, *x.shape[1:])).astype(dtype)
+        b = conds.batch                 # N samples x their guidance branches (sample-major)
+        xb = (jnp.broadcast_to(x, (b, *x.shape[1:])) if x.shape[0] == 1 else
+              jnp.repeat(x, b // x.shape[0], axis=0)).astype(dtype)
         extra = {}
         if conds.audio_features is not None:
             extra = dict(audio_features=conds.audio_features, audio_strength=guidance.audio_strength)
@@ -194,9 +199,13 @@ def make_denoise_fn(cfg: DiTConfig, num_steps: int, guidance: Guidance, report_s
 
     @jax.jit
     def denoise(params, noise, conds: Conditions, sig):
-        if conds.batch != guidance.branches():
+        n = noise.shape[0]              # samples run together (hcjax.batching): conds hold n x the branches
+        if conds.batch != guidance.branches() * n:
             raise ValueError(f"conditions have batch {conds.batch}; guidance {guidance} needs "
-                             f"{guidance.branches()} branches")
+                             f"{guidance.branches()} branches per sample ({n} samples)")
+        if n > 1 and (mode not in ("deepcache", "none") or 0 < cfg.cfg_batch < conds.batch):
+            raise ValueError(f"{n} samples in one loop need a fixed step schedule (cache deepcache/none, not "
+                             f"{mode}) and dit.cfg_batch=0; run them one at a time")
         sig = sig.astype(jnp.float32)
         flags = jnp.asarray(cached_steps)
         last = jax.tree.map(lambda a: a[-1:], conds)          # the conditional branch: the skip statistics
@@ -331,11 +340,13 @@ class Models:
     whisper_extractor: Any = None     # transformers WhisperFeatureExtractor (audio model)
     mesh: Any = None                  # jax Mesh the DiT and text params live on (see place); None: one device
     rules: Any = None                 # the DiT's logical-axis rules on that mesh
+    vae_on_mesh: Any = None           # the VAE params replicated on that mesh (the decode's tiles spread over it)
 
 
 def place(models: Models, mesh, mesh_cfg=None) -> Models:
     """``models`` with the DiT params sharded on ``mesh`` by the rule set of ``mesh_cfg`` (default rules
-    otherwise) and the LLaVA/CLIP params by the text rules; the VAE and Whisper stay local. Checks the mesh
+    otherwise) and the LLaVA/CLIP params by the text rules; the VAE and Whisper stay local (encode), plus a copy
+    of the VAE replicated on the mesh for the spread tiled decode (``vae_on_mesh``). Checks the mesh
     against the DiT (heads, sequence-parallel mode); a 1-device mesh is allowed."""
     cfg = models.cfg
     degrees = tuple(mesh.shape[a] for a in sharding.AXES)
@@ -352,7 +363,8 @@ def place(models: Models, mesh, mesh_cfg=None) -> Models:
                                            rules=TEXT_RULES),
         clip_params=sharding.shard_params(models.text.clip_params, mesh,
                                           like=clip.abstract_text_params(cfg.clip_text), rules=TEXT_RULES))
-    return dataclasses.replace(models, dit=dit_params, text=text, mesh=mesh, rules=rules)
+    return dataclasses.replace(models, dit=dit_params, text=text, mesh=mesh, rules=rules,
+                               vae_on_mesh=vae_on_mesh(models.vae, mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,7 +600,8 @@ def compile_denoise(models: Models, prep: Prepared, report_steps: bool = False):
 
 
 def denoise(models: Models, prep: Prepared, on_step=None) -> jax.Array:
-    """The compiled loop over ``prep``'s schedule -> final latents ``[1, T', H', W', C]`` (fp32).
+    """The compiled loop over ``prep``'s schedule -> final latents ``[N, T', H', W', C]`` (fp32; N = 1, or the
+    samples stacked by :func:`hcjax.batching.stack`).
     ``on_step(i)`` is called after each step (from inside the compiled loop)."""
     steps = len(prep.sigmas) - 1
     fn = compile_denoise(models, prep, report_steps=on_step is not None)
@@ -608,8 +621,18 @@ def denoise(models: Models, prep: Prepared, on_step=None) -> jax.Array:
 
 
 def decode(models: Models, latents: jax.Array) -> np.ndarray:
-    """Latents ``[1, T', H', W', C]`` -> uint8 frames ``[F, h, w, 3]`` (tiled VAE decode)."""
-    return to_uint8(np.asarray(decode_latents(models.vae, models.cfg.vae, latents))[0])
+    """Latents ``[1, T', H', W', C]`` -> uint8 frames ``[F, h, w, 3]`` (tiled VAE decode; on a mesh the tiles are
+    spread over its devices, one per device at a time)."""
+    return decode_batch(models, latents)[0]
+
+
+def decode_batch(models: Models, latents: jax.Array) -> np.ndarray:
+    """Latents ``[N, T', H', W', C]`` -> uint8 frames ``[N, F, h, w, 3]``: every sample's tiles spread over the
+    mesh's devices (one tile of one sample per device at a time), or one tile at a time on one device."""
+    if models.mesh is None:
+        return to_uint8(np.asarray(decode_latents(models.vae, models.cfg.vae, latents)))
+    params = models.vae_on_mesh if models.vae_on_mesh is not None else models.vae
+    return to_uint8(np.asarray(decode_latents(params, models.cfg.vae, latents, mesh=models.mesh)))
 
 
 def generate(models: Models, req: Request, on_step=None, init=None, mesh=None) -> tuple[np.ndarray, dict]:

@@ -3,11 +3,13 @@
 Objective, consistent with the sampler (:mod:`hcjax.scheduler`): ``sigma ~ shift(logit-normal | uniform)``,
 ``x_sigma = (1 - sigma) x0 + sigma eps``, the DiT sees ``t = 1000 sigma`` and regresses the velocity
 ``eps - x0`` (MSE, fp32). The batch is a :class:`hcjax.data.TrainBatch` (shapes there): reference-image
-conditioning uses ``ref_latents [B, 1, H, W, C]`` (a frame of the clip or a separate image, see :mod:`hcjax.data`);
+conditioning uses ``ref_latents [B, K, H, W, C]`` (a frame of the clip or separate images, one per subject, see
+:mod:`hcjax.data`; a batch mixing clips of different K pads the references and passes ``ref_mask [B, K]`` to the
+DiT, which masks the padded frames out of attention, so padding does not change a sample's loss term);
 the audio model gets ``audio_features``, the editing model ``bg_latents [B, T, H, W, 2C]`` (the clip with the
 subject masked out + the mask, :mod:`hcjax.data.encode`). Condition dropout for CFG, per sample: text -> the
 negative-branch conditioning (``null``: ``text_states [S, D]``, ``text_mask [S]``, ``text_states_2 [D2]``),
-image -> white-image reference latents, audio -> zeros (spec 3.4, 2.1, 2.3); ``bg_latents`` are never dropped
+image -> white-image reference latents for all K, audio -> zeros (spec 3.4, 2.1, 2.3); ``bg_latents`` are never dropped
 (sampling gives both CFG branches the same ones, spec 5.11).
 
 State: a plain dict ``{"step": int32[], "params", "opt_state", ("ema")}``; params are fp32 master weights,
@@ -280,9 +282,11 @@ def apply_dropout(batch: TrainBatch, null: dict, key, tc) -> TrainBatch:
 
     new = {}
     for k in NULL_KEYS:
-        x = getattr(batch, k)
-        new[k] = sel(drop_t, jnp.broadcast_to(null[k].astype(x.dtype), x.shape), x)
-    new["ref_latents"] = sel(drop_i, batch.null_ref_latents, batch.ref_latents)
+        x, n = getattr(batch, k), null[k]
+        if k != "text_states_2" and n.shape[0] < x.shape[1]:    # shorter null text (multi-subject batch): zero-pad
+            n = jnp.pad(n, [(0, x.shape[1] - n.shape[0])] + [(0, 0)] * (n.ndim - 1))
+        new[k] = sel(drop_t, jnp.broadcast_to(n.astype(x.dtype), x.shape), x)
+    new["ref_latents"] = sel(drop_i, batch.null_ref_latents, batch.ref_latents)     # all K references at once
     if batch.audio_features is not None:
         new["audio_features"] = sel(drop_a, jnp.zeros_like(batch.audio_features), batch.audio_features)
     return batch.replace(**new)
@@ -303,6 +307,8 @@ def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config, 
     c = apply_dropout(batch, null, k_drop, tc)
     args = (xt, 1000.0 * sigma, c.text_states, c.text_mask, c.text_states_2)
     kw = dict(ref_latents=c.ref_latents, bg_latents=c.bg_latents, audio_features=c.audio_features)
+    if c.ref_mask is not None:          # mixed-K batch: padded reference frames masked out of attention
+        kw["ref_mask"] = c.ref_mask
     model = dit.HunyuanDiT(cfg.dit)
     if adapters is None:
         v = model.apply({"params": params}, *args, **kw)
@@ -396,12 +402,15 @@ def video_tokens(cfg: Config, latents_shape) -> int:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` in the workdir (+ TensorBoard events via tensorboardX when installed)."""
+    """``metrics.jsonl`` in the workdir (+ TensorBoard events via tensorboardX when installed), written by process
+    0 only (every process computes the same values; a multi-process run has one writer, no duplicated lines)."""
 
     def __init__(self, workdir: Path, tensorboard: bool = True):
+        self.file = self.tb = None
+        if jax.process_index() != 0:
+            return
         self.file = open(workdir / "metrics.jsonl", "a")
-        self.tb = None
-        if tensorboard and jax.process_index() == 0:
+        if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
@@ -410,6 +419,8 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -417,7 +428,8 @@ class MetricsLog:
                 self.tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -1,4 +1,5 @@
-"""Attention dispatch: kernels against a float64 numpy reference, padding semantics, splash segment ids,
+"""Attention dispatch: kernels against a float64 numpy reference (incl. the XLA:CPU row-block kernel behind
+impl='xla'), padding semantics, splash segment ids,
 Ulysses / ring sequence parallelism on the 8 fake CPU devices (with sequence and batch padding), bad input."""
 
 from __future__ import annotations
@@ -107,6 +108,92 @@ def test_chunked_bf16_keeps_no_full_size_fp32_copies():
     print(f"temporaries {mem.temp_size_in_bytes / 1e6:.2f} MB; fp32 q {fp32_q / 1e6:.2f} MB")
     assert mem.temp_size_in_bytes < 2 * fp32_q
     assert mem.output_size_in_bytes == b * length * n * d * 2           # written in bf16
+
+
+def _hole_reference(q, k, v, rows):
+    """Float64 attention where sample b sees keys ``< rows[b, 0]`` outside ``[rows[b, 1], rows[b, 2])``."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(q.shape[-1])
+    pos, rows = np.arange(k.shape[1])[None, :], np.asarray(rows)
+    ok = (pos < rows[:, :1]) & ~((pos >= rows[:, 1:2]) & (pos < rows[:, 2:3]))             # [B, Lk]
+    s = np.where(ok[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bnqk,bknd->bqnd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("shift_bound", [40.0, 0.0], ids=["norm-bound shift", "row-max shift"])
+@pytest.mark.parametrize("length, lens, budget", [
+    (27, (27, 11), 8 * 27),        # 4 query blocks of 8, the last overlapping; padding
+    (40, (40, 1), 16 * 40),        # a single valid key; 3 blocks
+    (40, (40, 3), 10 ** 6),        # one block holds every query
+])
+def test_cpu_kernel_equals_reference(monkeypatch, shift_bound, length, lens, budget):
+    """The XLA:CPU kernel behind impl='xla' (row blocks per head, exact softmax) against float64, with the
+    softmax shifted by the Cauchy-Schwarz bound (inputs of moderate norm) and by the row max (bound forced off)."""
+    monkeypatch.setattr(A, "CPU_SCORES_PER_STEP", budget)
+    monkeypatch.setattr(A, "CPU_MIN_BLOCK_Q", 8)
+    monkeypatch.setattr(A, "_CPU_BOUND", shift_bound)
+    q, k, v = qkv(2, length, 3, 8, seed=length)
+    kv = jnp.asarray(lens)
+    assert A.cpu_block_q(length, length) == (8 if length == 27 else 16 if budget < 10 ** 6 else 40)
+    got = np.asarray(A.cpu_attention.__wrapped__(q, k, v, kv))     # unjitted: traced with the patched constants
+    err = float(np.abs(got - reference(q, k, v, kv)).max())
+    print(f"L={length} lens={lens} budget={budget} bound={shift_bound}: max abs err {err:.1e}")
+    assert np.isfinite(got).all() and err <= TOL
+
+
+def test_cpu_kernel_large_scores_holes_and_bf16(monkeypatch):
+    """Scores far beyond the shift bound (|s| ~ 1e3: the row-max path runs, no overflow), key holes ([B, 3] rows)
+    and bf16 inputs, all against float64."""
+    monkeypatch.setattr(A, "CPU_SCORES_PER_STEP", 8 * 33)
+    monkeypatch.setattr(A, "CPU_MIN_BLOCK_Q", 8)
+    q, k, v = qkv(2, 33, 2, 16, seed=11)
+    rows = jnp.asarray([[33, 4, 9], [20, 0, 0]], jnp.int32)
+    big = np.asarray(A.cpu_attention.__wrapped__(q * 30.0, k * 30.0, v, rows))
+    err = float(np.abs(big - _hole_reference(q * 30.0, k * 30.0, v, rows)).max())
+    assert np.isfinite(big).all() and err <= TOL, err
+    lo = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    out = A.cpu_attention.__wrapped__(*lo, rows)
+    assert out.dtype == jnp.bfloat16
+    err16 = float(np.abs(np.asarray(out, np.float32) - _hole_reference(*lo, rows)).max())
+    print(f"large scores with holes {err:.1e}; bf16 {err16:.1e}")
+    assert err16 <= 2e-2
+
+
+def test_cpu_dispatch_by_length(monkeypatch):
+    """On XLA:CPU impl='xla' runs the row-block kernel (a loop, no [B, N, L, L] tensor), and the online-softmax
+    chunked kernel once a row block would fall under CPU_MIN_BLOCK_Q rows (keys past 16k at the defaults)."""
+    assert jax.default_backend() == "cpu"
+    assert A.cpu_block_q(3620, 3620) == 280 and A.cpu_block_q(16384, 16384) > 0 and A.cpu_block_q(17000, 17000) == 0
+    big = jax.ShapeDtypeStruct((1, 3620, 8, 64), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.dot_product_attention(*a, kv_lengths=jnp.asarray([3500]), impl="xla"))(
+        big, big, big))                                                              # traced only
+    assert "cpu_attention" in jaxpr and "f32[280,3620]" in jaxpr                   # one head x 280 rows
+    assert "3620,3620]" not in jaxpr
+    q, k, v = qkv(1, 40, 2, 8, seed=2)
+    kv = jnp.asarray([31])
+    monkeypatch.setattr(A, "CPU_SCORES_PER_STEP", 40 * 4)                       # 4 rows < CPU_MIN_BLOCK_Q
+    assert A.cpu_block_q(40, 40) == 0
+    got = np.asarray(A.cpu_attention.__wrapped__(q, k, v, kv, block_q=8, block_kv=8))
+    want = np.asarray(A.chunked_attention(q, k, v, kv, block_q=8, block_kv=8))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_kernel_gradients_match_chunked(monkeypatch):
+    monkeypatch.setattr(A, "CPU_SCORES_PER_STEP", 8 * 21)
+    monkeypatch.setattr(A, "CPU_MIN_BLOCK_Q", 8)
+    q, k, v = qkv(2, 21, 2, 8, seed=12)
+    kv = jnp.asarray([21, 9])
+    w = jnp.arange(21.0)[None, :, None, None]
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2 * w), (0, 1, 2))(q, k, v)
+
+    got = grads(lambda *a: A.cpu_attention.__wrapped__(*a, kv))
+    want = grads(lambda *a: A.chunked_attention(*a, kv, block_q=5, block_kv=5))
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(got, want))
+    print(f"cpu kernel grad max abs err {err:.1e}")
+    assert err <= 1e-4
 
 
 def test_splash_interpret_equals_xla_with_segment_ids():

@@ -89,8 +89,10 @@ def test_bad_shapes_raise_value_errors(tiny):
         _call(cfg, params, x, t, text, mask[:, :3], pooled)
     with pytest.raises(ValueError, match="zero valid tokens"):
         _call(cfg, params, x, t, text, jnp.zeros_like(mask), pooled)
-    with pytest.raises(ValueError, match="ref_latents must be"):
-        _call(cfg, params, x, t, text, mask, pooled, ref_latents=jnp.zeros((1, 2, 4, 4, 4)))
+    with pytest.raises(ValueError, match="ref_latents must be"):          # H,W differ from the video's
+        _call(cfg, params, x, t, text, mask, pooled, ref_latents=jnp.zeros((1, 2, 3, 4, 4)))
+    with pytest.raises(ValueError, match="ref_latents must be"):          # no subject axis
+        _call(cfg, params, x, t, text, mask, pooled, ref_latents=jnp.zeros((1, 4, 4, 4)))
     with pytest.raises(ValueError, match=r"t must be \[B\]"):
         _call(cfg, params, x, t[None], text, mask, pooled)
     with pytest.raises(ValueError, match="guidance_embed=False"):

@@ -23,7 +23,7 @@ FLOORS = {
     "hcjax.sharding": 1, "hcjax.checkpoint": 1, "hcjax.runtime": 1,
     "hcjax.dit": 2, "hcjax.vae": 2, "hcjax.conditioning": 2,
     "hcjax.pipeline": 3, "hcjax.training": 3, "hcjax.vae_training": 3, "hcjax.data": 3, "hcjax.lora": 3,
-    "hcjax.memory": 3,
+    "hcjax.memory": 3, "hcjax.batching": 3,
     "convert_weights": 3,
     "hcjax.models": 4,
     "hcjax.precompute": 5, "hcjax.export": 5, "hcjax.app": 5, "hcjax.calibrate_cache": 5,

@@ -6,13 +6,23 @@ step. :func:`precompute` (behind ``python -m hcjax.precompute``) samples one tra
 ``OUT/clips/NNNNNN.npz`` with (shape letters of :mod:`.batch`, without the batch axis)
 
     latents [T, H, W, C]        scaled VAE posterior mean of the window
-    ref_latents [1, H, W, C]    the reference image (or frame) padding-resized to the bucket, VAE-encoded
+    ref_latents [K, H, W, C]    the K reference images (one; or a frame) padding-resized to the bucket, VAE-encoded
+                                one frame each (as sampling encodes ``--ref-image a.png b.png``)
     text_states [S, D], text_mask [S], text_states_2 [D2]     positive-branch conditioning (spec 3.6)
     audio_features [F, 10, 5, 384]                            audio models only
     bg_latents [T, H, W, 2C]    editing models only: [masked background ; mask] latents (spec 2.2)
 
 ``OUT/null.npz`` holds the unconditional text conditioning (negative branch: empty prompt, 'person', white image,
 spec 3.4) used for text dropout, and ``ref_{h}x{w}``: white-image latents per bucket (image dropout, spec 2.1).
+
+Multi-subject clips (K subjects, :mod:`.sources`): the text is encoded as sampling encodes it, with one
+``"The {name_k} looks like<image>"`` per subject and each ``<image>`` replaced by that subject's image features
+(:func:`hcjax.conditioning.text.encode_prompts` with K images and K names); a K-image prompt has ``K(n-1)`` more
+LLaVA states than a one-image prompt (``n`` image features), so in a dataset whose largest clip has ``K_max``
+subjects every clip's text (and the null text) is zero-padded (mask 0) to the ``K_max`` length: precomputed clips
+stack. ``index.json`` lists each clip's ``subjects``; the loader pads a batch's references to its largest K
+(:mod:`.pipeline`).
+
 Everything is written into a temporary sibling ``.OUT.partial-<pid>`` renamed to ``OUT`` at the end: a run
 that fails or is interrupted leaves nothing behind (and blocks no rerun), and ``overwrite`` replaces an old
 dataset only once the new one is complete.
@@ -44,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import load_checkpoint_config, load_params, random_params
+from ..conditioning.llava import num_image_features
 from ..conditioning.text import encode_prompts
 from ..conditioning.video import encode_editing_latents, prepare_editing_pixels
 from ..conditioning.whisper import audio_prompts_from_file
@@ -71,9 +82,15 @@ class HashText:
     def _vec(word: str, dim: int, salt: str) -> np.ndarray:
         return np.random.default_rng(zlib.crc32(f"{salt}:{word}".encode())).standard_normal(dim).astype(np.float32)
 
-    def _one(self, caption: str, name: str):
+    def states_length(self, subjects: int = 1) -> int:
+        """Text states per clip (``S``), whatever the number of subjects."""
+        return self.length
+
+    def _one(self, caption: str, name: str | tuple):
         words = re.findall(r"[a-z0-9]+", caption.lower())
-        toks = (["<bos>"] + words + ["<item>"] + re.findall(r"[a-z0-9]+", name.lower()))[:self.length]
+        names = [name] if isinstance(name, str) else list(name)       # K subjects: "<item> name" per subject
+        item = [w for nm in names for w in ["<item>"] + re.findall(r"[a-z0-9]+", nm.lower())]
+        toks = (["<bos>"] + words + item)[:self.length]
         states = np.zeros((self.length, self.dim), np.float32)
         for i, w in enumerate(toks):
             states[i] = self._vec(w, self.dim, "llava")
@@ -97,13 +114,37 @@ class PromptText:
     def __init__(self, encoders, cfg: Config):
         self.enc = encoders
         self.size = cfg.clip_vision.image_size
+        self.text_len, self.n_image = cfg.llava.text_len, num_image_features(cfg.clip_vision)
+
+    def states_length(self, subjects: int = 1) -> int:
+        """LLaVA states of a prompt with ``subjects`` images (``text_len + K(n-1)``, spec 3.3)."""
+        return self.text_len + subjects * (self.n_image - 1)
 
     def encode(self, captions, names, llava_images) -> dict:
-        pos, _ = encode_prompts(self.enc, list(captions), [np.asarray(im) for im in llava_images],
-                                item_names=list(names))
-        return {"text_states": np.asarray(pos.text_states, np.float32),
-                "text_mask": np.asarray(pos.text_mask, np.int32),
-                "text_states_2": np.asarray(pos.text_states_2, np.float32)}
+        """Per sample a name (one image ``[S, S, 3]``) or a tuple of K names (a list of K images); samples with
+        the same K are encoded together, shorter texts zero-padded to the batch's longest."""
+        groups: dict[int, list[int]] = {}
+        for i, nm in enumerate(names):
+            groups.setdefault(1 if isinstance(nm, str) else len(nm), []).append(i)
+        parts = {}
+        for k, idx in sorted(groups.items()):
+            imgs = [np.asarray(llava_images[i]) if k == 1 else [np.asarray(im) for im in llava_images[i]]
+                    for i in idx]
+            nms = [names[i] if k == 1 else list(names[i]) for i in idx]
+            pos, _ = encode_prompts(self.enc, [captions[i] for i in idx], imgs, item_names=nms)
+            parts[k] = {"text_states": np.asarray(pos.text_states, np.float32),
+                        "text_mask": np.asarray(pos.text_mask, np.int32),
+                        "text_states_2": np.asarray(pos.text_states_2, np.float32)}
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        length = max(p["text_states"].shape[1] for p in parts.values())
+        out = {key: [None] * len(names) for key in TEXT_KEYS}
+        for k, idx in groups.items():
+            padded = pad_text(parts[k], length)
+            for j, i in enumerate(idx):
+                for key in TEXT_KEYS:
+                    out[key][i] = padded[key][j]
+        return {key: np.stack(v) for key, v in out.items()}
 
     def null(self) -> dict:
         white = np.full((self.size, self.size, 3), 255, np.uint8)
@@ -111,6 +152,22 @@ class PromptText:
         return {"text_states": np.asarray(neg.text_states[0], np.float32),
                 "text_mask": np.asarray(neg.text_mask[0], np.int32),
                 "text_states_2": np.asarray(neg.text_states_2[0], np.float32)}
+
+
+def pad_text(text: dict, length: int, batched: bool = True) -> dict:
+    """Zero-pad ``text_states`` ``[(B,) S, D]`` and ``text_mask`` ``[(B,) S]`` to ``length`` states (mask 0)."""
+    axis = 1 if batched else 0
+    extra = length - text["text_states"].shape[axis]
+    if extra < 0:
+        raise ValueError(f"text states of length {text['text_states'].shape[axis]} do not fit {length}")
+    if not extra:
+        return text
+
+    def pad(x):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return np.pad(x, widths)
+    return dict(text, text_states=pad(text["text_states"]), text_mask=pad(text["text_mask"]))
 
 
 def text_stage(cfg: Config, text_encoders=None) -> HashText | PromptText:
@@ -200,10 +257,26 @@ class Encoders:
     def encode(self, batch: dict) -> TrainBatch:
         """A raw batch (:class:`hcjax.data.Loader`, raw mode) -> the step's inputs."""
         video = np.asarray(batch["video"])
-        _, _, height, width, _ = video.shape
+        b, _, height, width, _ = video.shape
         latents = self.vae_encode(video)
-        ref = self.vae_encode(np.asarray(batch["ref_image"])[:, None])
+        ref_mask = None
+        if "ref_images" in batch:       # K reference slots (multi-subject), each its own one-frame video
+            refs = np.asarray(batch["ref_images"])
+            k = refs.shape[1]
+            ref = self.vae_encode(refs.reshape(b * k, 1, *refs.shape[2:]))
+            ref = ref.reshape(b, k, *ref.shape[2:])
+            ref_mask = np.asarray(batch["ref_mask"], np.int32)
+            counts = ref_mask.sum(axis=1)
+            llava = [list(np.asarray(batch["llava_images"][i])[:counts[i]]) for i in range(b)]
+            llava = [im[0] if len(im) == 1 else im for im in llava]
+            names = [nm[0] if len(nm) == 1 else tuple(nm) for nm in batch["item_names"]]
+        else:
+            ref = self.vae_encode(np.asarray(batch["ref_image"])[:, None])
+            llava, names = batch["llava_image"], batch["item_name"]
         null_ref = np.broadcast_to(self.null_ref(height, width)[None], ref.shape).copy()
+        text = self.text.encode(batch["caption"], names, llava)
+        if "text_slots" in batch:       # a dataset with multi-subject clips: its longest text
+            text = pad_text(text, self.text.states_length(int(np.max(batch["text_slots"]))))
         audio = self.audio(batch) if self.cfg.dit.audio_condition else None
         bg = None
         if self.cfg.dit.video_condition:
@@ -211,9 +284,8 @@ class Encoders:
                 raise ValueError("the editing DiT (dit.video_condition) trains on clips with a mask video (\"mask\" "
                                  "in the clip's JSON, see hcjax.data.sources)")
             bg = self.bg_latents(video, np.asarray(batch["mask_video"]))
-        return TrainBatch(latents=latents, ref_latents=ref, null_ref_latents=null_ref,
-                          **self.text.encode(batch["caption"], batch["item_name"], batch["llava_image"]),
-                          audio_features=audio, bg_latents=bg)
+        return TrainBatch(latents=latents, ref_latents=ref, null_ref_latents=null_ref, **text,
+                          audio_features=audio, bg_latents=bg, ref_mask=ref_mask)
 
 
 # ------------------------------------------------------------------------------------------- precompute
@@ -226,8 +298,10 @@ def _save_npz(path: Path, arrays: dict) -> None:
 
 
 def _clip_arrays(batch: TrainBatch) -> dict[str, Any]:
-    """The per-clip arrays of a batch of one (``null_ref_latents`` lives in null.npz)."""
-    fields = {k: getattr(batch, k) for k in TrainBatch.__dataclass_fields__ if k != "null_ref_latents"}
+    """The per-clip arrays of a batch of one (``null_ref_latents`` lives in null.npz; K is ``ref_latents``' length,
+    no ``ref_mask``)."""
+    fields = {k: getattr(batch, k) for k in TrainBatch.__dataclass_fields__ if k not in ("null_ref_latents",
+                                                                                        "ref_mask")}
     return {k: np.asarray(v)[0] for k, v in fields.items() if v is not None}
 
 
@@ -266,7 +340,7 @@ def _write_dataset(cfg: Config, enc: "Encoders", clips, report, data_dir, out: P
     entries, read_errors = [], 0
     for i, clip in enumerate(clips):
         try:
-            raw = pipeline.collate([reader(i, np.random.default_rng([dc.seed, i]))])
+            raw = pipeline.collate([reader(i, np.random.default_rng([dc.seed, i]), slots=clip.subjects)])
         except ValueError as e:
             if dc.strict:
                 raise
@@ -277,11 +351,14 @@ def _write_dataset(cfg: Config, enc: "Encoders", clips, report, data_dir, out: P
         name = f"clips/{len(entries):06d}.npz"
         _save_npz(out / name, arrays)
         entries.append({"file": name, "latent_shape": list(arrays["latents"].shape), "bucket": list(
-            dc.buckets[clip.bucket]), "source": os.path.relpath(clip.video, data_dir), "caption": clip.caption})
+            dc.buckets[clip.bucket]), "source": os.path.relpath(clip.video, data_dir), "caption": clip.caption,
+            "subjects": int(arrays["ref_latents"].shape[0])})
         log.info("[%d/%d] %s", i + 1, len(clips), clip.video)
     if not entries:
         raise ValueError(f"no clip of {data_dir} could be read ({report.summary()}, read errors {read_errors})")
     null = dict(enc.null_text())
+    if reader.text_slots > 1:           # multi-subject clips: every text padded to the longest (module docstring)
+        null = pad_text(null, enc.text.states_length(reader.text_slots), batched=False)
     for h, w in sorted({tuple(e["bucket"]) for e in entries}):
         z = enc.null_ref(h, w)
         null[f"ref_{z.shape[1]}x{z.shape[2]}"] = z

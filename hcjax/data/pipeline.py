@@ -11,13 +11,21 @@
   reference frame) comes from ``rng(seed, step, slot)``.
 * **Bad clips at read time** (e.g. a file corrupt past its header) are logged, counted in the batch's
   ``skipped`` field and replaced by the next clip of the same bucket, deterministically.
+* **Subjects** (multi-subject clips, issue 24): a global batch whose clips have at most ``K_max`` subjects fills
+  ``K_max`` reference slots in every sample (from the index alone, so every host pads alike); padded slots hold
+  white images / white-image latents and are 0 in ``ref_mask``. ``K_max = 1`` batches are exactly the
+  single-subject batches below (no new keys).
 
 Raw batches (dicts): ``video uint8 [b, F, H, W, 3]``, ``ref_image uint8 [b, H, W, 3]`` (padding-resized, white),
 ``llava_image uint8 [b, S, S, 3]``, ``frame_index int32 [b, F]``, ``fps [b]``, lists ``caption``, ``item_name``,
-``audio`` (+ ``mask_video uint8 [b, F, H, W, 3]`` for clips with a mask, editing); :class:`hcjax.data.encode.Encoders`
-turns them into a :class:`~hcjax.data.batch.TrainBatch`. Precomputed batches are :class:`TrainBatch` es directly
-(``latents [b, t, h, w, C]``, ``ref_latents``/``null_ref_latents [b, 1, h, w, C]``, ``text_states [b, S, D]``,
-``text_mask [b, S]``, ``text_states_2 [b, D2]``, + ``audio_features`` / ``bg_latents`` for audio / editing DiTs).
+``audio`` (+ ``mask_video uint8 [b, F, H, W, 3]`` for clips with a mask, editing; with ``K_max > 1``:
+``ref_images uint8 [b, K_max, H, W, 3]``, ``llava_images uint8 [b, K_max, S, S, 3]``, ``ref_mask int32 [b,
+K_max]``, ``item_names`` (per sample a tuple of its K names); in a dataset with multi-subject clips also
+``text_slots int32 [b]``, the dataset's largest K, to which the text stage pads the text states);
+:class:`hcjax.data.encode.Encoders` turns them into a :class:`~hcjax.data.batch.TrainBatch`. Precomputed batches
+are :class:`TrainBatch` es directly (``latents [b, t, h, w, C]``, ``ref_latents``/``null_ref_latents [b, K_max, h,
+w, C]``, ``text_states [b, S, D]``, ``text_mask [b, S]``, ``text_states_2 [b, D2]``, + ``ref_mask [b, K_max]``
+when ``K_max > 1``, + ``audio_features`` / ``bg_latents`` for audio / editing DiTs).
 """
 
 from __future__ import annotations
@@ -93,12 +101,20 @@ class BatchPlan:
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack arrays; keep strings as lists."""
+    """Stack arrays; keep strings (and tuples of strings) as lists."""
     out: dict[str, Any] = {}
     for k in examples[0]:
         vals = [e[k] for e in examples]
-        out[k] = vals if isinstance(vals[0], str) else np.stack([np.asarray(v) for v in vals])
+        out[k] = vals if isinstance(vals[0], (str, tuple)) else np.stack([np.asarray(v) for v in vals])
     return out
+
+
+def _pad_slots(x: np.ndarray, slots: int, fill) -> np.ndarray:
+    """``[K, ...]`` -> ``[slots, ...]``, the extra slots ``fill`` (broadcast to one slot)."""
+    extra = slots - x.shape[0]
+    if extra < 0:
+        raise ValueError(f"{x.shape[0]} subjects do not fit {slots} reference slots")
+    return np.concatenate([x, np.broadcast_to(np.asarray(fill, x.dtype), (extra,) + x.shape[1:])]) if extra else x
 
 
 class RawReader:
@@ -106,15 +122,20 @@ class RawReader:
 
     def __init__(self, dc: DataConfig, clips: list[sources.Clip], llava_size: int):
         self.dc, self.clips, self.llava_size = dc, clips, int(llava_size)
+        self.text_slots = max((c.subjects for c in clips), default=1)
 
-    def __call__(self, record: int, rng: np.random.Generator) -> dict:
+    def subjects(self, record: int) -> int:
+        return self.clips[record].subjects
+
+    def __call__(self, record: int, rng: np.random.Generator, slots: int = 1) -> dict:
+        """One example; ``slots > 1``: also the K-subject keys padded to ``slots`` (module docstring)."""
         dc, c = self.dc, self.clips[record]
         height, width = dc.buckets[c.bucket]
         span = sources.window_frames(dc)
         start = int(rng.integers(0, c.frames - span + 1))
         idx = np.arange(start, start + span, dc.frame_stride)
         video = cover_crop(decode_frames(c.video, idx), height, width)
-        use_image = c.ref_image is not None and dc.ref_source != "frame"
+        use_image = c.ref_image is not None and (dc.ref_source != "frame" or bool(c.ref_images))
         if use_image:
             src = read_image(c.ref_image)
         else:
@@ -132,6 +153,16 @@ class RawReader:
         }
         if c.mask is not None:      # the same window, resized and cropped as the clip
             out["mask_video"] = cover_crop(decode_frames(c.mask, idx), height, width)
+        if self.text_slots > 1:
+            out["text_slots"] = np.int32(self.text_slots)
+        if slots > 1:
+            srcs = [read_image(p) for p in c.ref_images] if c.ref_images else [src]
+            white = np.full((), 255, np.uint8)
+            out["ref_images"] = _pad_slots(np.stack([pad_resize(im, height, width) for im in srcs]), slots, white)
+            out["llava_images"] = _pad_slots(np.stack([pad_resize(im, self.llava_size, self.llava_size)
+                                                       for im in srcs]), slots, white)
+            out["ref_mask"] = (np.arange(slots) < len(srcs)).astype(np.int32)
+            out["item_names"] = tuple(c.item_names) if c.item_names else (c.item_name,)
         return out
 
 
@@ -159,7 +190,11 @@ class NpzReader:
             raise ValueError(f"{self.null_path} has no white-image latents {key}; re-run hcjax.precompute")
         return self._null[key]
 
-    def __call__(self, record: int, rng: np.random.Generator) -> dict:
+    def subjects(self, record: int) -> int:
+        return int(self.entries[record].get("subjects", 1))
+
+    def __call__(self, record: int, rng: np.random.Generator, slots: int = 1) -> dict:
+        """One clip's arrays; ``slots > 1``: references padded to ``slots`` with white-image latents + ``ref_mask``."""
         e = self.entries[record]
         try:
             with np.load(e["file"]) as z:
@@ -174,8 +209,17 @@ class NpzReader:
         if tuple(out["latents"].shape) != tuple(e["latent_shape"]):
             raise ValueError(f"{e['file']}: latents {out['latents'].shape} differ from index.json "
                              f"{e['latent_shape']}")
+        k = self.subjects(record)
+        if out["ref_latents"].shape[0] != k:
+            raise ValueError(f"{e['file']}: ref_latents {out['ref_latents'].shape} do not hold the {k} subject(s) of "
+                             "index.json")
         _, h, w, _ = out["latents"].shape
         out["null_ref_latents"] = self.null_ref(h, w)
+        if slots > 1:
+            white = out["null_ref_latents"][0]
+            out["ref_latents"] = _pad_slots(out["ref_latents"], slots, white)
+            out["null_ref_latents"] = _pad_slots(out["null_ref_latents"], slots, white)
+            out["ref_mask"] = (np.arange(slots) < k).astype(np.int32)
         return out
 
 
@@ -189,13 +233,17 @@ class LoadBatch:
     def __call__(self, step: int) -> dict:
         ids = self.plan.host_ids(step, self.process_index, self.process_count)
         b = len(ids)
+        # reference slots: the most subjects of a clip of the GLOBAL batch (the same on every host)
+        slots = max(self.reader.subjects(int(r)) for r in self.plan.global_batch_ids(step))
         examples, skipped = [], 0
         for slot, rec in enumerate(ids):
             rng = np.random.default_rng([self.seed, int(step), self.process_index * b + slot])
             for attempt in range(MAX_TRIES):
                 r = int(rec) if attempt == 0 else self.plan.neighbor(int(rec), attempt)
+                if self.reader.subjects(r) > slots:      # a replacement with more subjects than the batch's slots
+                    continue
                 try:
-                    examples.append(self.reader(r, rng))
+                    examples.append(self.reader(r, rng, slots=slots))
                     break
                 except ValueError as e:
                     if self.strict:

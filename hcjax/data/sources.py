@@ -4,8 +4,12 @@ Raw layout (any depth under the root)::
 
     <name>.mp4   (or .mov/.mkv/.webm/.avi)
     <name>.json  {"caption": str (required), "item_name": str, "ref_image": path, "audio": path, "mask": path}
+                 or, for a clip of K subjects (multi-subject, 1..4): "item_names": [K str], "ref_images": [K paths]
 
-Paths inside the JSON are relative to the JSON's directory. ``mask`` (needed to train the editing DiT,
+Paths inside the JSON are relative to the JSON's directory. A multi-subject clip names one reference image per
+subject (each on white, as sampling's ``--ref-image a.png b.png`` takes them) and one item name per subject
+(``"The {name_k} looks like<image>"`` in the LLaVA prompt); it always needs its reference images (a frame of the
+clip cannot stand for one subject), whatever ``train.data.ref_source``. ``mask`` (needed to train the editing DiT,
 ``dit.video_condition``) is a mask video of the clip: white where the subject is (the region the model
 regenerates), black on the background it keeps; same frame size as the clip and at least as many frames. Training
 masks the clip's own frames with it (the masked background and the mask become ``bg_latents``, see
@@ -41,6 +45,7 @@ INDEX = "index.json"
 NULL = "null.npz"
 FORMAT = "hcjax-precomputed"
 MAX_LOGGED_SKIPS = 20
+MAX_SUBJECTS = 4                # as sample.py --ref-image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,13 @@ class Clip:
     fps: float
     bucket: int          # index into DataConfig.buckets
     mask: str | None = None     # mask video (editing)
+    ref_images: tuple[str, ...] = ()    # multi-subject: K >= 2 reference images (ref_image is the first)
+    item_names: tuple[str, ...] = ()    # multi-subject: K item names (item_name is the first)
+
+    @property
+    def subjects(self) -> int:
+        """``K``: the number of subjects (reference images) of the clip."""
+        return max(len(self.ref_images), 1)
 
 
 @dataclasses.dataclass
@@ -120,6 +132,28 @@ def mask_videos(root: str | Path) -> set[Path]:
     return out
 
 
+def _subjects(meta: dict, base: Path, default_item_name: str):
+    """The list form's ``(ref_images, item_names)`` (tuples of K str, paths resolved), ``()`` without it,
+    or ``(None, reason, message)`` when ``"ref_images"`` / ``"item_names"`` are malformed or an image is missing."""
+    refs, names = meta.get("ref_images"), meta.get("item_names")
+    if refs is None and names is None:
+        return ()
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        return None, "missing_ref_image", "\"item_names\" needs \"ref_images\": a list of image paths, one per subject"
+    if not 1 <= len(refs) <= MAX_SUBJECTS:
+        return None, "bad_json", f"\"ref_images\" lists {len(refs)} images; 1 to {MAX_SUBJECTS} subjects are supported"
+    if names is None and len(refs) == 1:
+        names = [meta.get("item_name") or default_item_name]
+    if not isinstance(names, list) or len(names) != len(refs) or not all(isinstance(n, str) and n.strip()
+                                                                           for n in names):
+        return None, "bad_json", f"\"item_names\" must list one non-empty name per reference image ({len(refs)})"
+    paths = tuple(str(_rel(base, r)) for r in refs)
+    for r in paths:
+        if not Path(r).is_file():
+            return None, "missing_ref_image", f"reference image {r} not found"
+    return paths, tuple(n.strip() for n in names)
+
+
 def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool = False,
              root: str | Path | None = None, *, need_mask: bool = False) -> tuple[list[Clip], ScanReport]:
     """Index the raw dataset at ``root`` (default ``dc.path``); returns the usable clips and the report.
@@ -150,11 +184,17 @@ def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool
         if not isinstance(caption, str) or not caption.strip():
             report.skip(meta_path, "missing_caption", "missing or empty \"caption\"", dc.strict)
             continue
-        item = meta.get("item_name") or default_item_name
+        multi = _subjects(meta, meta_path.parent, default_item_name)
+        if multi and multi[0] is None:
+            report.skip(meta_path, multi[1], multi[2], dc.strict)
+            continue
+        item = (multi[1][0] if multi else meta.get("item_name")) or default_item_name
         if not isinstance(item, str):
             report.skip(meta_path, "bad_json", "\"item_name\" must be a string", dc.strict)
             continue
-        ref = meta.get("ref_image")
+        ref = meta["ref_images"][0] if multi else meta.get("ref_image")
+        if multi and len(multi[0]) == 1:        # the list form of one subject: a single-subject clip
+            multi = ()
         if ref is not None:
             ref = _rel(meta_path.parent, ref)
             if not ref.is_file():
@@ -204,7 +244,8 @@ def scan_raw(dc: DataConfig, default_item_name: str = "object", need_audio: bool
                 continue
         clips.append(Clip(str(v), caption.strip(), item.strip(), None if ref is None else str(ref),
                           None if audio is None else str(audio), info.frames, info.height, info.width, info.fps,
-                          nearest_bucket(info.height, info.width, dc.buckets), None if mask is None else str(mask)))
+                          nearest_bucket(info.height, info.width, dc.buckets), None if mask is None else str(mask),
+                          *(multi if multi else ())))
     report.kept = len(clips)
     log.info("dataset %s: %s", root, report.summary())
     return clips, report

@@ -12,7 +12,19 @@ each clip ``clip_NNNN`` the generator writes the layout :mod:`hcjax.data` reads:
     clip_NNNN_mask.mp4   with ``--masks``: the subject's region per frame, white on black (``"mask"`` in the
                          JSON): the editing DiT trains on the clip with that region masked out (:mod:`.sources`)
 
-Deterministic for a ``--seed`` (with or without masks: the clips are the same). Used by the tests and the demo.
+``--subjects K`` (2..4; multi-subject, issue 24) makes clips of K subjects instead: the clip has one motion axis
+(horizontal or vertical, random) and the frame is cut into K lanes along it; each subject crosses its own lane
+edge to edge in its own direction on that axis (so the subjects never overlap and all travel the whole frame),
+with one motion phrase each in the caption (``the red object moves left and the blue object moves right``:
+colours differ between the subjects, so the caption names each one) and one reference image each::
+
+    clip_NNNN.json       {"caption": "...", "item_names": [K names], "ref_images": ["clip_NNNN_ref0.png", ...],
+                          "subjects": [{"item_name", "shape", "texture", "color", "motion"}, ...]}
+    clip_NNNN_refK.png   subject k alone, centred on white (the size it has in the clip)
+
+Deterministic for a ``--seed`` (with or without masks: the clips are the same; ``--subjects 1``, the default,
+writes exactly what it always did). Used by the tests and the demo. A dataset mixing one- and two-subject clips:
+two runs into sub-directories of one root (the dataset scan is recursive).
 """
 
 from __future__ import annotations
@@ -131,13 +143,69 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
     return video, ref, meta, np.repeat(mask[..., None], 3, axis=-1).astype(np.uint8) * 255
 
 
+MAX_SUBJECTS = 4
+
+
+def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: int, subjects: int = 2):
+    """A clip of ``subjects`` (K >= 2) subjects: frames ``uint8 [F, H, W, 3]``, K reference images ``uint8 [K, H,
+    W, 3]`` (each subject centred on white), metadata, and the subjects' region ``uint8 [F, H, W, 3]`` (255 inside).
+
+    One motion axis per clip (random); the frame is cut into K equal lanes along it (rows for horizontal motion,
+    columns for vertical); subject k crosses lane k edge to edge in its own random direction on that axis, so the
+    subjects never overlap. Colours and shapes differ between the subjects."""
+    if not 2 <= subjects <= MAX_SUBJECTS:
+        raise ValueError(f"subjects must be 2..{MAX_SUBJECTS} for a multi-subject clip, got {subjects}")
+    colors = [list(COLORS)[j] for j in rng.permutation(len(COLORS))[:subjects]]
+    shapes = [SHAPES[j] for j in rng.permutation(len(SHAPES))[:subjects]]
+    textures = [TEXTURES[j] for j in rng.integers(len(TEXTURES), size=subjects)]
+    rows = bool(rng.integers(2))             # horizontal motion in horizontal lanes (else vertical in columns)
+    motions = [(("left", "right") if rows else ("up", "down"))[j] for j in rng.integers(2, size=subjects)]
+    lane = (height if rows else width) / subjects
+    r = min(lane * rng.uniform(0.3, 0.4), min(height, width) * 0.26)
+    gray = rng.uniform(110, 150)
+    yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
+    background = np.repeat((gray + 20 * (yy / height - 0.5))[..., None], 3, axis=-1)
+    white = np.full((height, width, 3), 255, np.float32)
+    video = np.broadcast_to(background, (frames, height, width, 3)).astype(np.float32)
+    region = np.zeros((frames, height, width), bool)
+    refs, subs = [], []
+    path = np.linspace(0.0, 1.0, frames)
+    for k in range(subjects):
+        x0, x1 = (0.0, float(width)) if rows else (k * lane, (k + 1) * lane)
+        y0, y1 = (k * lane, (k + 1) * lane) if rows else (0.0, float(height))
+        ux, uy = DIRECTIONS[motions[k]]
+        margin = r * 1.05
+        if ux:
+            xs = x0 + margin + (x1 - x0 - 2 * margin) * (path if ux > 0 else 1 - path)
+            ys = np.full(frames, (y0 + y1) / 2)
+        else:
+            ys = y0 + margin + (y1 - y0 - 2 * margin) * (path if uy > 0 else 1 - path)
+            xs = np.full(frames, (x0 + x1) / 2)
+        col = COLORS[colors[k]]
+        for f in range(frames):
+            video[f] = render(shapes[k], textures[k], col, xs[f], ys[f], r, height, width, video[f])
+            region[f] |= subject_mask(shapes[k], xs[f], ys[f], r, height, width)
+        refs.append(render(shapes[k], textures[k], col, width / 2, height / 2, r, height, width, white))
+        subs.append({"item_name": f"{colors[k]} {textures[k]} {shapes[k]}", "shape": shapes[k],
+                     "texture": textures[k], "color": colors[k], "motion": motions[k]})
+    meta = {
+        "caption": " and ".join(f"the {sb['color']} object moves {sb['motion']}" for sb in subs),
+        "item_names": [sb["item_name"] for sb in subs], "subjects": subs,
+    }
+    mask = np.repeat(region[..., None], 3, axis=-1).astype(np.uint8) * 255
+    return np.clip(video, 0, 255).astype(np.uint8), np.stack(refs), meta, mask
+
+
 def generate(out: str | Path, num_clips: int = 16, frames: int = 33, height: int = 64, width: int = 64,
-             seed: int = 0, fps: int = 25, overwrite: bool = False, masks: bool = False) -> list[Path]:
-    """Write ``num_clips`` clips into ``out`` (with ``masks`` also each clip's mask video); returns the clips' mp4
-    paths."""
+             seed: int = 0, fps: int = 25, overwrite: bool = False, masks: bool = False,
+             subjects: int = 1) -> list[Path]:
+    """Write ``num_clips`` clips into ``out`` (with ``masks`` also each clip's mask video; ``subjects`` K > 1:
+    clips of K subjects, module docstring); returns the clips' mp4 paths."""
     out = Path(out)
     if num_clips < 1 or frames < 1:
         raise ValueError(f"need num_clips >= 1 and frames >= 1, got {num_clips} and {frames}")
+    if not 1 <= subjects <= MAX_SUBJECTS:
+        raise ValueError(f"--subjects must be 1..{MAX_SUBJECTS}, got {subjects}")
     if height < 16 or width < 16 or height % 2 or width % 2:
         raise ValueError(f"height and width must be even and >= 16, got {height}x{width}")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -145,12 +213,19 @@ def generate(out: str | Path, num_clips: int = 16, frames: int = 33, height: int
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(num_clips):
-        rng = np.random.default_rng([seed, i])
-        video, ref, meta, mask = make_clip(rng, frames, height, width, return_mask=True)
         stem = f"clip_{i:04d}"
-        Image.fromarray(ref).save(out / f"{stem}_ref.png")
+        if subjects == 1:
+            video, ref, meta, mask = make_clip(np.random.default_rng([seed, i]), frames, height, width,
+                                               return_mask=True)
+            Image.fromarray(ref).save(out / f"{stem}_ref.png")
+            meta["ref_image"] = f"{stem}_ref.png"
+        else:
+            video, refs, meta, mask = make_multi_clip(np.random.default_rng([seed, i, subjects]), frames, height,
+                                                      width, subjects)
+            meta["ref_images"] = [f"{stem}_ref{k}.png" for k in range(subjects)]
+            for name, im in zip(meta["ref_images"], refs):
+                Image.fromarray(im).save(out / name)
         paths.append(write_video(out / f"{stem}.mp4", video, fps=fps, crf=12))
-        meta["ref_image"] = f"{stem}_ref.png"
         if masks:
             write_video(out / f"{stem}_mask.mp4", mask, fps=fps, crf=12)
             meta["mask"] = f"{stem}_mask.mp4"
@@ -168,13 +243,15 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", action="store_true", help="also write each clip's subject mask video (editing)")
+    p.add_argument("--subjects", type=int, default=1, help="subjects per clip, 1..4 (2+: multi-subject clips, "
+                   "one motion phrase and one reference image per subject)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
 
     def run():
         paths = generate(args.out, args.num_clips, args.frames, args.height, args.width, args.seed, args.fps,
-                         args.overwrite, args.masks)
+                         args.overwrite, args.masks, args.subjects)
         print(f"wrote {len(paths)} clips to {args.out}")
 
     return run_cli(run, debug=args.debug)

@@ -19,6 +19,10 @@ the same (h, w) of subject 2 rotate differently), while the shared ``w`` shift i
 learned to mean "reference, not video" for every reference; ``K = 1`` reproduces the release bit for bit. All
 ``K H'W'`` reference tokens are dropped before the final layer and get no audio/background features; attention
 sees them as valid image tokens (the kv-length prefix counts them), so sequence padding/sharding are unchanged.
+Training batches that mix clips with different ``K`` pad the references to ``K_max`` and pass ``ref_mask [B,
+K_max]`` (1 on a sample's real subjects, which come first): the padded frames' tokens are masked out of every
+attention as keys (a per-sample key hole, :mod:`hcjax.attention`), so they do not reach the video tokens and a
+padded sample's output equals its unpadded one; without ``ref_mask`` (or all ones) nothing changes.
 
 Blocks are stored stacked on a leading ``layers`` axis (``nn.scan`` at init) and run by ``jax.lax.scan`` over
 layer ranges, so the sampler can stop before / resume at the last single block (the step cache of spec 6.4)
@@ -66,6 +70,8 @@ class HunyuanDiT(nn.Module):
     Keyword arguments:
       ``ref_latents [B,K,H,W,C]``  reference-image latents, one frame per subject (prepended tokens at RoPE times
                                    -1..-K, dropped before the final layer)
+      ``ref_mask [B,K]``           1 on real reference frames, 0 on padding (the real ones first): padded frames
+                                   are masked out of attention (mixed-K training batches)
       ``guidance [B]``             guidance value for guidance-distilled variants (``guidance_embed``)
       ``bg_latents [B,T,H,W,Cbg]`` editing: background + mask latents (``video_condition``)
       ``audio_features``           audio tokens for the audio model (``audio_condition``; see ``audio_hook``)
@@ -123,9 +129,10 @@ class HunyuanDiT(nn.Module):
 
     def __call__(self, x, t, text_states, text_mask, text_states_2, *, ref_latents=None, guidance=None,
                  bg_latents=None, audio_features=None, audio_strength=1.0, return_cache=False, cache=None,
-                 return_residual=False, residual=None, probe=False):
+                 return_residual=False, residual=None, probe=False, ref_mask=None):
         cfg = self.cfg
         validate_inputs(cfg, x, t, text_states, text_mask, text_states_2, ref_latents, bg_latents, audio_features)
+        validate_ref_mask(ref_mask, ref_latents)
         b, t_, h_, w_, _ = x.shape
         pt, ph, pw = cfg.patch_size
         grid = (t_ // pt, h_ // ph, w_ // pw)
@@ -138,6 +145,9 @@ class HunyuanDiT(nn.Module):
         cos, sin = rope_tables(grid, cfg.rope_dim_list, cfg.rope_theta, with_ref=k_ref)
         n_img = cos.shape[0]
         kv_lengths = n_img + jnp.sum(text_mask.astype(jnp.int32), axis=1)
+        if ref_mask is not None:        # [B, 3]: (length, hole start, hole end): the padded reference tokens
+            hole = jnp.sum(ref_mask.astype(jnp.int32), axis=1) * (n_ref // k_ref)
+            kv_lengths = jnp.stack([kv_lengths, hole, jnp.full_like(hole, n_ref)], axis=1)
         depth = cfg.depth_single_blocks
 
         if cache is not None:
@@ -288,6 +298,22 @@ def validate_inputs(cfg: DiTConfig, x, t, text_states, text_mask, text_states_2,
             raise ValueError(f"bg_latents must be {list(want)}; got {tuple(bg_latents.shape)}")
     if audio_features is not None and not cfg.audio_condition:
         raise ValueError("audio_features given but the DiT config has audio_condition=False")
+
+
+def validate_ref_mask(ref_mask, ref_latents) -> None:
+    """``ref_mask [B, K]`` (with ``ref_latents [B, K, ...]``): each row ones then zeros, at least one one."""
+    if ref_mask is None:
+        return
+    if ref_latents is None:
+        raise ValueError("ref_mask given without ref_latents")
+    if tuple(ref_mask.shape) != tuple(ref_latents.shape[:2]):
+        raise ValueError(f"ref_mask must be [B,K]={list(ref_latents.shape[:2])} (1 on real reference frames); got "
+                         f"{tuple(ref_mask.shape)}")
+    if _is_concrete(ref_mask):
+        m = np.asarray(ref_mask) != 0
+        if not np.all(m[:, 0]) or np.any(m[:, 1:] & ~m[:, :-1]):
+            raise ValueError(f"ref_mask rows must be ones then zeros (a sample's real reference frames first, at "
+                             f"least one); got {m.astype(int).tolist()}")
 
 
 def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_len: int = 8, ref: bool = True,

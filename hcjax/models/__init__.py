@@ -22,7 +22,8 @@ import dataclasses
 from pathlib import Path
 
 from .. import dit, sharding, vae
-from ..checkpoint import check_bundle_configs, load_checkpoint_config, load_params, random_params
+from ..checkpoint import (check_bundle_configs, check_tensor_files, load_checkpoint_config, load_params,
+                          random_params)
 from ..conditioning import clip, llava, whisper
 from ..config import PRESET_DIR, Config, apply_overrides, load_config
 from ..pipeline import Models, place
@@ -121,7 +122,10 @@ def load_bundle(d: str | Path, overrides=(), cfg: Config | None = None, mesh=Non
         if not (d / c / "config.json").is_file():
             raise FileNotFoundError(f"{d}: missing hcjax checkpoint {c}/ (config.json + params/)")
     cfg = cfg or apply_overrides(load_checkpoint_config(d / "dit"), overrides)
-    check_bundle_configs(d, cfg, [c for c in (*COMPONENTS, "whisper") if (d / c / "config.json").is_file()])
+    parts = [c for c in (*COMPONENTS, "whisper") if (d / c / "config.json").is_file()]
+    check_bundle_configs(d, cfg, parts)
+    for c in parts:                     # truncated tensor files: found from the indexes before any weight is read
+        check_tensor_files(d / c / "params", name=d / c)
     text = load_text_encoders(d / "llava", d / "clip", cfg, mesh=mesh)
     dit_target = None
     if mesh is not None and not (cfg.dit.use_fp8 or cfg.dit.cpu_offload):

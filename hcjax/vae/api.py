@@ -61,17 +61,21 @@ def encode_video(params, cfg: Config | VAEConfig, video, key: jax.Array | None =
     return z * c.scaling_factor
 
 
-def decode_latents(params, cfg: Config | VAEConfig, latents, tiled: bool = True, clip: bool = True):
+def decode_latents(params, cfg: Config | VAEConfig, latents, tiled: bool = True, clip: bool = True, mesh=None):
     """Scaled latents ``[B,t,h,w,C]`` -> pixels ``[B,4(t-1)+1,8h,8w,3]`` (fp32) in [-1, 1].
 
     Latents are divided by ``cfg.scaling_factor`` first. ``clip`` clamps to [-1, 1], which is what the
     pipeline's ``clamp(x/2 + 0.5, 0, 1)`` amounts to; ``clip=False`` returns the raw decoder output.
+    ``mesh`` (tiled only): the tiles of all B samples spread over its devices, one per device at a time
+    (:func:`hcjax.vae.tiling.tiled_decode`); the same result as one device.
     """
     c = vae_config(cfg)
     validate_latents(c, latents)
-    z = jnp.asarray(latents, jnp.float32) / c.scaling_factor
+    if mesh is not None and not tiled:
+        raise ValueError("decode_latents(mesh=...) spreads the tiles of the tiled decode; pass tiled=True")
+    z = np.asarray(latents, np.float32) / np.float32(c.scaling_factor)
     if tiled:
-        x = jnp.asarray(tiled_decode(params, c, np.asarray(z)))
+        x = jnp.asarray(tiled_decode(params, c, z, mesh=mesh))
     else:
-        x = _whole_fn(c, "decode")(unwrap_params(params), z).astype(jnp.float32)
+        x = _whole_fn(c, "decode")(unwrap_params(params), jnp.asarray(z)).astype(jnp.float32)
     return jnp.clip(x, -1.0, 1.0) if clip else x

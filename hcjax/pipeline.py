@@ -20,6 +20,7 @@ only the caller decides who writes files (``hcjax.runtime.is_main_process``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -49,6 +50,7 @@ from .vae.tiling import on_mesh as vae_on_mesh
 
 DEFAULT_REF_IMAGE = "assets/demo_subject.png"
 MAX_SUBJECTS = 4                      # reference images per request (multi-subject, issue 24)
+HOST_MEMORY = "pinned_host"           # where dit.cpu_offload keeps the towers between stages (offload_towers)
 
 
 @flax.struct.dataclass
@@ -499,33 +501,36 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
     k_noise, k_ref, k_white, k_bg = jax.random.split(jax.random.key(req.seed), 4)
     post = (lambda k: k) if req.sample_posterior else (lambda k: None)
 
-    bg_latents = None
-    if cfg.dit.video_condition:
-        bg_fn = functools.partial(pose.bg_latents_from_files, dwpose_dir=req.dwpose_dir) if req.pose_enhance else \
-            bg_latents_from_files
-        bg_latents, (frames, h, w) = bg_fn(req.input_video, req.mask_video, models.vae, cfg.vae, req.expand_scale,
-                                           key=post(k_bg))
-    else:
-        frames, (h, w) = req.frames, req.video_size
-    ref_rgb = [read_image(im) for im in req.ref_images()]                      # K images (multi-subject)
-    ref_pix = np.stack([_pixels(pad_resize(im, h, w)) for im in ref_rgb])[:, None]   # [K, 1, h, w, 3]
-    ref_latents = encode_video(models.vae, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
-    ref_latents = ref_latents.reshape(1, len(ref_rgb), *ref_latents.shape[2:])        # [1, K, h', w', C]
+    g = req.guidance()
+    branches = g.branches()
+    bg_latents = white = None
+    with _offloaded_on_device(models, models.vae) as vae_params:     # the VAE stage
+        if cfg.dit.video_condition:
+            bg_fn = functools.partial(pose.bg_latents_from_files, dwpose_dir=req.dwpose_dir) if req.pose_enhance \
+                else bg_latents_from_files
+            bg_latents, (frames, h, w) = bg_fn(req.input_video, req.mask_video, vae_params, cfg.vae,
+                                               req.expand_scale, key=post(k_bg))
+        else:
+            frames, (h, w) = req.frames, req.video_size
+        ref_rgb = [read_image(im) for im in req.ref_images()]                      # K images (multi-subject)
+        ref_pix = np.stack([_pixels(pad_resize(im, h, w)) for im in ref_rgb])[:, None]   # [K, 1, h, w, 3]
+        ref_latents = encode_video(vae_params, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
+        ref_latents = ref_latents.reshape(1, len(ref_rgb), *ref_latents.shape[2:])        # [1, K, h', w', C]
+        if branches == 3:
+            white = encode_video(vae_params, cfg.vae, jnp.ones_like(jnp.asarray(ref_pix)), post(k_white))
+            white = white.reshape(1, len(ref_rgb), *white.shape[2:])                 # all K references dropped
+        jax.block_until_ready((bg_latents, ref_latents, white))
     timings["vae_encode_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     pos, neg = _encode_text(models, req, ref_rgb)
     timings["text_encode_s"] = time.perf_counter() - t1
 
-    g = req.guidance()
     audio = None
     if cfg.dit.audio_condition:
         audio = jnp.asarray(audio_prompts_from_file(req.input_audio, models.whisper, cfg.whisper, frames,
                                                     extractor=models.whisper_extractor))
-    branches = g.branches()
     if branches == 3:
-        white = encode_video(models.vae, cfg.vae, jnp.ones_like(jnp.asarray(ref_pix)), post(k_white))
-        white = white.reshape(1, len(ref_rgb), *white.shape[2:])                 # all K references dropped
         order = [(neg, white), (pos, white), (pos, ref_latents)]
     elif branches == 2:
         order = [(neg, ref_latents), (pos, ref_latents)]
@@ -560,13 +565,36 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
     return Prepared(conds, noise, sig, g, timings)
 
 
+def offload_towers(models: Models) -> Models:
+    """``dit.cpu_offload`` on one device: the text towers (LLaVA, CLIP) and the VAE kept in host memory
+    (``pinned_host``); each stage copies its tower to the device and deletes the copy when done
+    (:func:`_offloaded_on_device`), so the 16 GB LLaVA-8B is gone before the DiT runs and the VAE is on the device
+    only while it encodes or decodes. Without ``cpu_offload`` (or on a mesh) ``models`` is returned unchanged."""
+    if not models.cfg.dit.cpu_offload or models.mesh is not None:
+        return models
+    text = dataclasses.replace(models.text, llava_params=sharding.to_memory(models.text.llava_params, HOST_MEMORY),
+                               clip_params=sharding.to_memory(models.text.clip_params, HOST_MEMORY))
+    return dataclasses.replace(models, text=text, vae=sharding.to_memory(models.vae, HOST_MEMORY))
+
+
+def _offloaded_on_device(models: Models, tree):
+    """A context giving ``tree`` in device memory: a temporary copy when ``models`` keeps its towers in host
+    memory (:func:`offload_towers`), ``tree`` itself otherwise."""
+    if models.cfg.dit.cpu_offload and models.mesh is None:
+        return sharding.on_device(tree)
+    return contextlib.nullcontext(tree)
+
+
 def _encode_text(models: Models, req: Request, ref_rgb) -> tuple[TextConditioning, TextConditioning]:
     """The LLaVA/CLIP branches of one request (``ref_rgb``: its K images); on a mesh the towers run sharded and the
     states come back as host copies (so they combine with the locally computed VAE latents)."""
     images, names = (ref_rgb[0], req.item_names()[0]) if len(ref_rgb) == 1 else (ref_rgb, req.item_names())
     if models.mesh is None:
-        return encode_prompts(models.text, req.pos_prompt, images, negative_prompts=req.neg_prompt,
-                              item_names=names)
+        text = models.text
+        with _offloaded_on_device(models, (text.llava_params, text.clip_params)) as (lp, cp):
+            out = encode_prompts(dataclasses.replace(text, llava_params=lp, clip_params=cp), req.pos_prompt, images,
+                                 negative_prompts=req.neg_prompt, item_names=names)
+            return jax.block_until_ready(out)
     with sharding.use_mesh(models.mesh, rules=TEXT_RULES):
         pos, neg = encode_prompts(models.text, req.pos_prompt, images, negative_prompts=req.neg_prompt,
                                   item_names=names)
@@ -630,7 +658,8 @@ def decode_batch(models: Models, latents: jax.Array) -> np.ndarray:
     """Latents ``[N, T', H', W', C]`` -> uint8 frames ``[N, F, h, w, 3]``: every sample's tiles spread over the
     mesh's devices (one tile of one sample per device at a time), or one tile at a time on one device."""
     if models.mesh is None:
-        return to_uint8(np.asarray(decode_latents(models.vae, models.cfg.vae, latents)))
+        with _offloaded_on_device(models, models.vae) as vae_params:
+            return to_uint8(np.asarray(decode_latents(vae_params, models.cfg.vae, latents)))
     params = models.vae_on_mesh if models.vae_on_mesh is not None else models.vae
     return to_uint8(np.asarray(decode_latents(params, models.cfg.vae, latents, mesh=models.mesh)))
 

@@ -37,8 +37,8 @@ from .runtime import maybe_initialize_distributed  # noqa: F401  (former home; e
 __all__ = [
     "AXES", "DEFAULT_RULES", "RULE_SETS", "TEXT_RULES", "abstract_sharded", "check_mesh", "default_mesh_config",
     "input_sharding", "logical_names", "logical_to_shardings", "make_mesh", "maybe_initialize_distributed",
-    "mesh_config", "mesh_spec", "param_shardings", "replicate", "resolve_shape", "rules_for", "shard_params",
-    "to_host", "use_mesh",
+    "mesh_config", "mesh_spec", "on_device", "param_shardings", "replicate", "resolve_shape", "rules_for",
+    "shard_params", "to_host", "to_memory", "use_mesh",
 ]
 
 
@@ -101,6 +101,29 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def to_memory(tree, kind: str):
+    """Every array leaf of ``tree`` in memory kind ``kind`` (``device``, ``pinned_host``, ...) on its own sharding
+    (numpy leaves: on the first device). A leaf already there is returned as is (no copy)."""
+    def move(a):
+        if isinstance(a, jax.Array):
+            return a if a.sharding.memory_kind == kind else jax.device_put(a, a.sharding.with_memory_kind(kind))
+        return jax.device_put(a, jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind))
+    return jax.tree.map(move, tree)
+
+
+@contextlib.contextmanager
+def on_device(tree):
+    """``tree`` with every leaf in device memory for the ``with`` block; the copies made for it (leaves that lived
+    in host memory) are deleted at exit, so host-offloaded weights occupy the device only while they are used."""
+    moved = to_memory(tree, "device")
+    try:
+        yield moved
+    finally:
+        for new, old in zip(jax.tree.leaves(moved), jax.tree.leaves(tree)):
+            if new is not old and isinstance(new, jax.Array) and not new.is_deleted():
+                new.delete()
 
 
 def replicate(tree, mesh):

@@ -252,7 +252,7 @@ def page(server):
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         pg = browser.new_page(viewport={"width": 1280, "height": 1000})
         pg.goto(server["url"])
-        pg.get_by_role("tab", name="Reference image").wait_for(timeout=60_000)
+        pg.get_by_role("tab", name="Reference image").wait_for(timeout=300_000)
         yield pg
         browser.close()
 
@@ -277,7 +277,7 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
 
     frames, fps, steps = 5, 8, 3
     page.locator("#image-ref input[type=file]").set_input_files(str(ROOT / "assets/demo/subject_05.png"))
-    page.wait_for_selector("#image-ref :text('subject_05.png')", timeout=60_000)
+    page.wait_for_selector("#image-ref :text('subject_05.png')", timeout=300_000)
     _visible(page.get_by_label("Prompt", exact=True)).fill("the object moves to the right")
     for key, value in (("frames", frames), ("steps", steps), ("fps", fps)):
         page.locator(f"#image-{key} input").fill(str(value))
@@ -290,7 +290,7 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
     page.wait_for_selector("#image-status :text('Done')", timeout=900_000)
     page.screenshot(path=str(shots / "generated.png"), full_page=True)
     video = page.locator("#image-video video")
-    video.wait_for(timeout=60_000)
+    video.wait_for(timeout=300_000)
     state = page.evaluate("""async () => { const v = document.querySelector('#image-video video');
         if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
         v.muted = true; await v.play(); await new Promise(r => setTimeout(r, 300));
@@ -319,7 +319,7 @@ def test_browser_corrupt_upload_gets_the_apps_message(server, page):
     bad = _corrupt_png(server["dir"] / "broken_subject.png")
     page.locator("#image-ref input[type=file]").set_input_files(str(bad))
     status = page.locator("#image-status")
-    page.wait_for_selector("#image-status :text('broken_subject.png')", timeout=60_000)
+    page.wait_for_selector("#image-status :text('broken_subject.png')", timeout=300_000)
     text = status.inner_text()
     assert "Reference image" in text and "cannot decode" in text and "Could not preprocess" not in text
     _visible(page.get_by_role("button", name="Generate")).click()                 # generate checks it again

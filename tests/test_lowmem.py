@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from convert_weights import dit as conv
+from hcjax import models as M
 from hcjax import pipeline, scheduler
 from hcjax.config import preset
 from hcjax.dit import HunyuanDiT, init_params, runtime_params
@@ -155,3 +156,23 @@ def test_fp8_quantised_from_bf16_matches_a_torch_emulation_of_the_original():
     plain = np.asarray(_forward(cfg, p16, args, kw), np.float32)
     assert _rel(got, want) <= 1e-2                                  # bf16 tolerance
     assert _rel(got, want) < 0.5 * _rel(plain, want)                # much closer than the unquantised model
+
+
+def test_cpu_offload_keeps_towers_in_host_memory_between_stages():
+    """``dit.cpu_offload``: LLaVA, CLIP and the VAE live in pinned host memory after load, are on the device only
+    while their stage runs (no device copy survives a sample), and the frames equal the plain run's."""
+    small = dict(video_size=(32, 32), frames=5, steps=2, seed=3)
+    req = pipeline.Request(ref_image="assets/demo_subject.png", pos_prompt="the object moves left", **small)
+    plain = M.load(config=M.DEFAULT_CONFIG)
+    off = M.load(config=M.DEFAULT_CONFIG, overrides=["dit.cpu_offload=true"])
+    towers = lambda m: jax.tree.leaves((m.text.llava_params, m.text.clip_params, m.vae))  # noqa: E731
+    assert {a.sharding.memory_kind for a in towers(off)} == {"pinned_host"}
+    host_ids = {id(a) for a in towers(off)}
+    want, _ = pipeline.generate(plain, req)
+    got, _ = pipeline.generate(off, req)
+    np.testing.assert_array_equal(got, want)
+    shapes = {(a.shape, a.dtype) for a in towers(off)}
+    leftover = [a for a in jax.live_arrays() if id(a) not in host_ids and a.sharding.memory_kind == "device"
+                and (a.shape, a.dtype) in shapes and a.size > 64]
+    assert not leftover, f"device copies of offloaded tower weights still alive: {[a.shape for a in leftover]}"
+    assert {a.sharding.memory_kind for a in towers(off)} == {"pinned_host"}      # the host copies are kept

@@ -26,7 +26,7 @@ from ..checkpoint import (check_bundle_configs, check_tensor_files, load_checkpo
                           random_params)
 from ..conditioning import clip, llava, whisper
 from ..config import PRESET_DIR, Config, apply_overrides, load_config
-from ..pipeline import Models, place
+from ..pipeline import Models, offload_towers, place
 from .original import ORIGINAL_DIT, ORIGINAL_PRESET, convert_original, is_original, variant_of
 from .text import load_text_encoders
 
@@ -158,7 +158,7 @@ def load(source: str | Path | Source | None = None, config: str | Path | None = 
         return place(models, mesh, mesh_cfg)
     if src.cfg.dit.use_fp8 or src.cfg.dit.cpu_offload:      # fp8 block weights / host-resident block stacks
         models.dit = dit.runtime_params(models.dit, src.cfg.dit)
-    return models
+    return offload_towers(models)                           # cpu_offload: text towers + VAE in host memory
 
 
 def load_models(ckpt_dir=None, config=None, overrides=(), seed: int = 0, variant: str | None = None) -> Models:

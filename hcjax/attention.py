@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .axes import RING_KERNELS, SEQUENCE_PARALLEL
+from .sharding import target_platform
 
 IMPLS = ("xla", "cudnn", "chunked", "splash")
 ATTN_LOGICAL = ("act_batch", "act_seq", "act_heads")
@@ -112,7 +113,7 @@ def _key_valid(pos, kv_lengths):
 
 
 def _local(q, k, v, kv_lengths, *, impl, block_q, block_kv, interpret):
-    if impl == "xla" and jax.default_backend() == "cpu":
+    if impl == "xla" and target_platform() == "cpu":
         return cpu_attention(q, k, v, kv_lengths, block_q=block_q, block_kv=block_kv)
     if impl in ("xla", "cudnn") and kv_lengths.ndim == 2:
         mask = _key_valid(jnp.arange(k.shape[1]), kv_lengths)[:, None, None, :]
@@ -490,15 +491,16 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(length: int, heads: int, bq: int, bk: int, interpret: bool):
+    """Built inside the trace that uses it (its mask tables become constants of that program): evaluating them
+    eagerly would run on the context mesh's devices, which an ahead-of-time compile for a TPU topology does not
+    have, and a kernel holding one trace's constants cannot be cached for another."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.FullMask((length, length))] * heads)
     sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    with jax.ensure_compile_time_eval():           # concrete mask tables: safe to cache across traces
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int = 512, interpret: bool = False):
@@ -508,8 +510,8 @@ def splash_attention(q, k, v, kv_lengths, *, block_q: int = 512, block_kv: int =
     extra tokens form segment 2 and are dropped."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(f"splash attention is a TPU kernel (backend is {jax.default_backend()!r}); use "
+    if not interpret and target_platform() != "tpu":
+        raise ValueError(f"splash attention is a TPU kernel (target platform is {target_platform()!r}); use "
                          "attention 'chunked'/'xla'/'cudnn' here, or interpret=True for testing")
     b, length, n, d = q.shape
     lane = 128

@@ -38,11 +38,20 @@ __all__ = [
     "AXES", "DEFAULT_RULES", "RULE_SETS", "TEXT_RULES", "abstract_sharded", "check_mesh", "default_mesh_config",
     "input_sharding", "logical_names", "logical_to_shardings", "make_mesh", "maybe_initialize_distributed",
     "mesh_config", "mesh_spec", "on_device", "param_shardings", "replicate", "resolve_shape", "rules_for",
-    "shard_params", "to_host", "to_memory", "use_mesh",
+    "shard_params", "target_platform", "to_host", "to_memory", "use_mesh",
 ]
 
 
 # ------------------------------------------------------------------------------------------- mesh
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: that of the devices of the mesh set by ``jax.set_mesh``
+    (``use_mesh``), else the default backend. Differs from ``jax.default_backend()`` when compiling ahead of time
+    for devices this process does not drive (a TPU topology from ``jax.experimental.topologies`` on a CPU host)."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)   # None: no mesh is set
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()
 
 
 def resolve_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ and the audio path can inject between double blocks, all over one parameter stac
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -342,7 +343,11 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, latent_thw=(1, 4, 4), text_le
 
 
 def init_params(cfg: DiTConfig, key: jax.Array) -> dict:
-    """Random parameters (boxed with logical axis metadata)."""
+    """Random parameters (boxed with logical axis metadata). The forward pass ``init`` traces runs the portable
+    ``chunked`` attention: the parameters do not depend on the kernel, and a device kernel (``splash``, ``cudnn``)
+    would tie shaping a model to that device (AOT for a TPU topology shapes its state on a CPU host)."""
+    if cfg.attention in ("splash", "cudnn"):
+        cfg = dataclasses.replace(cfg, attention="chunked")
     args, kwargs = example_inputs(cfg)
     return jax.jit(lambda k: HunyuanDiT(cfg).init(k, *args, **kwargs)["params"])(key)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..layers import logical, to_dtype
+from ..sharding import target_platform
 
 Valid = tuple[Any, Any, Any] | None      # traced (t, h, w) extents of the valid prefix, or None = all valid
 _NEG = -1e30
@@ -97,7 +98,7 @@ def _conv2d(x, kernel, stride):
 
 
 def _default_impl() -> str:
-    return "sum" if jax.default_backend() == "cpu" else "native"
+    return "sum" if target_platform() == "cpu" else "native"
 
 
 def causal_conv3d(x, kernel, stride, time_pad: int, impl: str | None = None):

@@ -62,6 +62,10 @@ from hcjax import sharding as S  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.dit import audio_feature_shape  # noqa: E402
 from hcjax.dit.storage import STACKS, abstract_runtime_params  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tpu_target  # noqa: E402
+
 CASES = {"infer": 8, "train": 64, "infer1": 1, "vae": 1}
 VARIANTS = ("bf16", "fp8", "fp8+offload")
 DEFAULT_MESH = {"infer": (1, 1, 8, 1), "train": (1, 8, 8, 1)}      # (data, fsdp, sequence, tensor)
@@ -176,14 +180,14 @@ def _child(case: str, attention: str, block: int, remat: str, text_len: int, mes
 
 
 def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: int, block: int, cfg_batch: int,
-                  ffn_chunk: int, preset_name: str) -> None:
-
-
-    cfg = dataclasses.replace(preset(preset_name).dit, dtype="bfloat16", param_dtype="bfloat16", attention="chunked",
+                  ffn_chunk: int, preset_name: str, topology: str | None = None) -> None:
+    device = tpu_target.devices(topology)[0] if topology else jax.devices()[0]
+    attention = "splash" if topology else "chunked"
+    cfg = dataclasses.replace(preset(preset_name).dit, dtype="bfloat16", param_dtype="bfloat16", attention=attention,
                               attention_block_q=block, attention_block_kv=block, cfg_batch=cfg_batch,
                               ffn_chunk=ffn_chunk, use_fp8=variant.startswith("fp8"),
                               cpu_offload=variant.endswith("offload"))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(device)
     sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=dev)  # noqa: E731
     lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
     guidance = pipeline.Guidance(cfg_scale=7.5, ip_cfg_scale=0.0, use_deepcache=False)
@@ -194,16 +198,19 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
     n_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
     host = sum(math.prod(a.shape) * a.dtype.itemsize for k in STACKS for a in jax.tree.leaves(params[k])
                if cfg.cpu_offload)
-    print(f"[infer1 {variant}] 1 CPU device; {frames}x{height}x{width} -> latent {lt}x{lh}x{lw}, {n_tokens} tokens "
+    where = f"1 {device.device_kind} ({topology}, XLA:TPU AOT)" if topology else "1 CPU device"
+    print(f"[infer1 {variant}] {where}; {frames}x{height}x{width} -> latent {lt}x{lh}x{lw}, {n_tokens} tokens "
           f"(incl. reference + {text_len} text); CFG branches {b}, cfg_batch {cfg_batch or b}, ffn_chunk {ffn_chunk}, "
-          f"attention chunked ({block}); params {n_bytes / GB:.2f} GB ({host / GB:.2f} GB in host memory)", flush=True)
+          f"attention {attention} ({block}); params {n_bytes / GB:.2f} GB ({host / GB:.2f} GB in host memory)", flush=True)
     conds = pipeline.Conditions(text_states=sds((b, text_len, cfg.text_states_dim)),
                                 text_mask=sds((b, text_len), jnp.int32), text_states_2=sds((b, cfg.text_states_dim_2)),
                                 ref_latents=sds((b, 1, lh, lw, cfg.in_channels)))
     fn = pipeline.make_denoise_fn(cfg, 1, guidance)
     t0 = time.perf_counter()
-    compiled = fn.lower(params, sds((1, lt, lh, lw, cfg.in_channels), jnp.float32), conds,
-                        sds((2,), jnp.float32)).compile()
+    one = jax.make_mesh((1, 1, 1, 1), S.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=[device])
+    with jax.set_mesh(one):                       # the traced code sees the target device's platform
+        compiled = fn.lower(params, sds((1, lt, lh, lw, cfg.in_channels), jnp.float32), conds,
+                            sds((2,), jnp.float32)).compile()
     t_compile = time.perf_counter() - t0
     m = compiled.memory_analysis()
     args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
@@ -295,6 +302,10 @@ def main() -> int:
     ap.add_argument("--ffn-chunk", type=int, default=8192, help="infer1: dit.ffn_chunk (tokens, 0 = off)")
     ap.add_argument("--vae-untiled", action="store_true", help="vae: also compile the untiled whole decode")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    ap.add_argument("--target", choices=("cpu", "tpu"), default="cpu", help="infer1: cpu (one CPU device) or tpu "
+                    "(XLA:TPU ahead of time for the first chip of --topology, splash attention; needs libtpu, see "
+                    "benchmarks/tpu_target.py)")
+    ap.add_argument("--topology", default="v5p:2x2x1", help="infer1 --target tpu: TPU topology (v5e: v5e:2x2)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child and args.case == "vae":
@@ -302,7 +313,7 @@ def main() -> int:
         return 0
     if args.child and args.case == "infer1":
         _child_infer1(args.variant, args.height, args.width, args.frames, args.text_len, args.block, args.cfg_batch,
-                      args.ffn_chunk, args.preset)
+                      args.ffn_chunk, args.preset, args.topology if args.target == "tpu" else None)
         return 0
     if args.child:
         _child(args.case, args.attention, args.block, args.remat, args.text_len, args.mesh, args.sequence_parallel,
@@ -321,6 +332,9 @@ def main() -> int:
         if case == "vae":
             runs = [[*cmd, "--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
                      *(["--vae-untiled"] if args.vae_untiled else [])]]
+        if case == "infer1" and args.target == "tpu":
+            env = tpu_target.child_env(env)
+            cmd += ["--target", "tpu", "--topology", args.topology]
         if case == "infer1":
             cmd += ["--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
                     "--cfg-batch", str(args.cfg_batch), "--ffn-chunk", str(args.ffn_chunk)]

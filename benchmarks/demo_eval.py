@@ -79,7 +79,7 @@ def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
 
 SEED_STRIDE = 1000       # seed k of --seeds: seed + 1000 k (the pairs use seed + index, 0..23)
 HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_accuracy_vs_wrong_prompt",
-            "silhouette_iou", "area_cv")
+            "silhouette_iou", "area_cv", "intact_frames", "components_per_frame")
 
 
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
@@ -181,11 +181,14 @@ def evaluate(args) -> None:
     print(f"temporal: consecutive-frame silhouette IoU {report['silhouette_iou']:.3f} (generator "
           f"{report['ground_truth']['silhouette_iou']:.3f}), area CV {report['area_cv']:.3f} (generator "
           f"{report['ground_truth']['area_cv']:.3f})")
+    print(f"intact frames       {report['intact_frames']:.1%}  (the subject in exactly one piece; "
+          f"{report['components_per_frame']:.2f} pieces per frame; generator {gt['intact_frames']:.1%}, through the "
+          f"VAE {rt['intact_frames']:.1%}; ghosting and split copies add pieces, a lost subject has none)")
     if "per_seed" in report:
         for p in report["per_seed"] + [{"seed": "mean", **report["mean_over_seeds"]}]:
             print(f"seed {p['seed']!s:>5}: identity {p['identity_accuracy']:.1%}, colour {p['color_accuracy']:.1%}, "
                   f"motion {p['motion_accuracy']:.1%} (vs a wrong prompt {p['motion_accuracy_vs_wrong_prompt']:.1%}), "
-                  f"IoU {p['silhouette_iou']:.3f}, area CV {p['area_cv']:.3f}")
+                  f"IoU {p['silhouette_iou']:.3f}, area CV {p['area_cv']:.3f}, intact frames {p['intact_frames']:.1%}")
     for f in report["from_clips"]:
         print(f"from the generator's clips noised to sigma {f['start_sigma']}: identity {f['identity_accuracy']:.1%}, "
               f"colour {f['color_accuracy']:.1%}, motion {f['motion_accuracy']:.1%}, IoU {f['silhouette_iou']:.3f}")

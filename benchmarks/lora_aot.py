@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -37,12 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402  (the child sets XLA_FLAGS before jax starts a backend)
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from hcjax import lora, training  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.data import TrainBatch  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tpu_target  # noqa: E402
 
 CASES = {"fsdp8": (8, (1, 8, 1, 1), 8, "bf16"), "one": (1, (1, 1, 1, 1), 1, "fp8")}   # devices, mesh, batch, base
 TOPOLOGIES = {"fsdp8": "v5p:2x2x2", "one": "v5p:2x2x1"}   # one: the first chip of a host
@@ -50,17 +51,7 @@ GB = 1e9
 
 
 def target_devices(target: str, topology: str | None, case: str) -> list:
-    if target == "cpu":
-        return jax.devices()
-    if importlib.util.find_spec("libtpu") is None:
-        raise SystemExit("--target tpu needs libtpu (the XLA:TPU compiler): pip install --target .venv/tpu-site "
-                         "'libtpu==0.0.42.*' (or set HCJAX_LIBTPU_SITE to where it is)")
-    name = topology or TOPOLOGIES[case]
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
-    except Exception as e:  # noqa: BLE001  (an unknown topology: one line)
-        raise SystemExit(f"--topology {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return list(topo.devices)
+    return jax.devices() if target == "cpu" else tpu_target.devices(topology or TOPOLOGIES[case])
 
 
 def child(case: str, rank: int, remat: str, base_kind: str, block: int, block_kv: int, frames: int, height: int,
@@ -146,10 +137,7 @@ def main() -> int:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                                                                f" --xla_force_host_platform_device_count="
                                                                f"{CASES[case][0]}").strip())
-        if a.target == "tpu":
-            site = os.environ.get("HCJAX_LIBTPU_SITE", str(ROOT / ".venv" / "tpu-site"))
-            env.update(PYTHONPATH=os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p),
-                       ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+        env = tpu_target.child_env(env) if a.target == "tpu" else env
         cmd = [sys.executable, __file__, "--child", "--case", case, "--rank", str(a.rank), "--remat", a.remat,
                "--block", str(a.block), "--block-kv", str(a.block_kv or 0), "--frames", str(a.frames), "--height",
                str(a.height), "--width", str(a.width), "--target", a.target]

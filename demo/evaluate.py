@@ -3,13 +3,16 @@
 ``benchmarks/demo_eval.py`` generates one video per held-out ``(reference, prompt)`` pair
 (:func:`generate_eval`) and scores it (:func:`evaluate_videos`): identity (the subject's colour and silhouette
 match its own reference better than every other held-out reference), motion (the subject's centroid moves in the
-prompted direction) and temporal consistency. Videos are ``uint8 [F, H, W, 3]``.
+prompted direction), temporal consistency, and whether each frame shows the subject in one piece (connected
+components: ghosting and split copies show as extra components, a vanished subject as none). Videos are
+``uint8 [F, H, W, 3]``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -51,21 +54,34 @@ def distance(a: dict, b: dict) -> float:
     return float(np.abs(a["color"] - b["color"]).sum() + np.abs(a["silhouette"] - b["silhouette"]).mean())
 
 
+def components(mask: np.ndarray, min_area: float = 0.004, close: int = 1) -> int:
+    """Connected pieces of one frame's subject mask ``bool [H, W]`` (8-connected, OpenCV), counting pieces of at
+    least ``min_area`` of the frame (specks of noise are not a copy). A ``close`` (pixels) morphological closing first
+    rejoins a subject that its own texture cuts into stripes or dots: two copies further apart stay two."""
+    m = mask.astype(np.uint8)
+    if close:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((2 * close + 1,) * 2, np.uint8))
+    _, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    return int((stats[1:, cv2.CC_STAT_AREA] >= max(4.0, min_area * m.size)).sum())
+
+
 def centroid(mask: np.ndarray) -> np.ndarray | None:
     ys, xs = np.nonzero(mask)
     return None if len(ys) == 0 else np.array([xs.mean(), ys.mean()])
 
 
 def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions: list[str],
-                    colors: list[str] | None = None) -> dict:
+                    colors: list[str] | None = None, subjects: int = 1) -> dict:
     """Identity, motion and temporal-consistency figures of generated ``uint8 [F, H, W, 3]`` videos.
 
     identity: the video's subject (per frame descriptor, median distance over frames) is nearest to its own
     reference among all ``refs``; motion: the centroid displacement first -> last frame points in the
     prompted direction (the largest dot product of the four); consistency: mean IoU of consecutive frames'
-    silhouettes and the coefficient of variation of the subject's area over frames."""
+    silhouettes and the coefficient of variation of the subject's area over frames; intact frames: the share of
+    frames whose subject mask is exactly ``subjects`` connected pieces (:func:`components`; more = ghosting or
+    split copies, fewer = a subject lost), with the mean number of pieces per frame."""
     ref_desc = [descriptor(r) for r in refs]
-    ident, same_color, motion, ious, area_cv, per = [], [], [], [], [], []
+    ident, same_color, motion, ious, area_cv, per, pieces = [], [], [], [], [], [], []
     for i, (video, d) in enumerate(zip(videos, directions)):
         masks = foreground(video)
         descs = [descriptor(f) for f in video]
@@ -90,14 +106,17 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
         ious.append(float(np.mean(pair)) if pair else 0.0)
         areas = masks.reshape(len(masks), -1).sum(1).astype(np.float64)
         area_cv.append(float(areas.std() / max(areas.mean(), 1.0)))
-        per.append({"identity": ident[-1], "motion": motion[-1], "nearest_ref": int(np.argmin(med)),
+        pieces.append([components(m) for m in masks])
+        per.append({"components": pieces[-1], "identity": ident[-1], "motion": motion[-1], "nearest_ref": int(np.argmin(med)),
                     "displacement": None if moved is None else [round(float(v), 2) for v in moved],
                     "silhouette_iou": round(ious[-1], 3), "area_cv": round(area_cv[-1], 3)})
     n = len(videos)
     return {"n": n, "identity_accuracy": sum(ident) / n, "color_accuracy": sum(same_color) / n,
             "motion_accuracy": sum(motion) / n,
             "identity_chance": 1.0 / len(refs), "motion_chance": 0.25,
-            "silhouette_iou": float(np.mean(ious)), "area_cv": float(np.mean(area_cv)), "per_video": per}
+            "silhouette_iou": float(np.mean(ious)), "area_cv": float(np.mean(area_cv)),
+            "intact_frames": float(np.mean([c == subjects for v in pieces for c in v])),
+            "components_per_frame": float(np.mean([c for v in pieces for c in v])), "per_video": per}
 
 
 def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None,

@@ -14,6 +14,7 @@ import demo
 from hcjax import models as M
 from hcjax.checkpoint import random_params
 from hcjax.config import load_config
+from hcjax.data import synthetic
 from hcjax.media import read_image
 from tests.conftest import ROOT
 
@@ -251,3 +252,27 @@ def test_vae_microbatch_gradients_are_the_whole_batch_gradients():
             np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * scale)
     with pytest.raises(ConfigError, match="microbatch=3 must be 0 .*batch_size=4"):
         load_config(demo.DEMO_CONFIG, base + ["vae_train.microbatch=3"])
+
+
+def test_components_metric_catches_split_copies_and_lost_subjects(refs):
+    """Connected pieces per frame (issue 24's ghosting/split-copy metric) on independent data: the generator's
+    clips (textured subjects included) are one piece in every frame; the same frames with a second copy of the
+    subject pasted beside it (4 pixels apart) are two; gray frames are none."""
+    videos = demo_eval.ground_truth_videos(PAIRS)
+    good = demo.evaluate_videos(videos, refs, DIRS, COLORS)
+    assert good["intact_frames"] == 1.0 and good["components_per_frame"] == 1.0
+
+    size, bg = demo.SIZE, np.full((demo.SIZE, demo.SIZE, 3), 128, np.uint8)
+
+    def two_copies(subject, t):                        # the subject twice, side by side, 12+ pixels apart
+        color, texture, shape = subject
+        rgb = synthetic.COLORS[color]
+        frame = synthetic.render(shape, texture, rgb, 0.25 * size, (0.4 + 0.02 * t) * size, 10.0, size, size, bg)
+        return synthetic.render(shape, texture, rgb, 0.75 * size, (0.6 - 0.02 * t) * size, 10.0, size, size, frame)
+
+    two = [np.stack([two_copies(p["subject"], t) for t in range(demo.FRAMES)]) for p in PAIRS]
+    split = demo.evaluate_videos(two, refs, DIRS, COLORS)
+    assert split["intact_frames"] == 0.0 and split["components_per_frame"] == 2.0
+    assert demo.evaluate_videos(two, refs, DIRS, COLORS, subjects=2)["intact_frames"] == 1.0
+    blank = demo.evaluate_videos([np.full_like(v, 128) for v in videos], refs, DIRS)
+    assert blank["intact_frames"] == 0.0 and blank["components_per_frame"] == 0.0

@@ -61,7 +61,7 @@ from hcjax import dit, pipeline, vae  # noqa: E402
 from hcjax import sharding as S  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.dit import audio_feature_shape  # noqa: E402
-from hcjax.dit.storage import STACKS, abstract_runtime_params  # noqa: E402
+from hcjax.dit.storage import STACKS, abstract_runtime_params, host_resident  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tpu_target  # noqa: E402
@@ -197,7 +197,7 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
     leaves = jax.tree.leaves(params)
     n_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
     host = sum(math.prod(a.shape) * a.dtype.itemsize for k in STACKS for a in jax.tree.leaves(params[k])
-               if cfg.cpu_offload)
+               if cfg.cpu_offload and host_resident(a.shape))
     where = f"1 {device.device_kind} ({topology}, XLA:TPU AOT)" if topology else "1 CPU device"
     print(f"[infer1 {variant}] {where}; {frames}x{height}x{width} -> latent {lt}x{lh}x{lw}, {n_tokens} tokens "
           f"(incl. reference + {text_len} text); CFG branches {b}, cfg_batch {cfg_batch or b}, ffn_chunk {ffn_chunk}, "
@@ -215,6 +215,8 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
     m = compiled.memory_analysis()
     args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
     total = args + m.output_size_in_bytes - m.alias_size_in_bytes + temp
+    if m.host_argument_size_in_bytes:          # XLA:TPU counts host-memory arguments apart; XLA:CPU among the rest
+        total += m.host_argument_size_in_bytes
     print(f"[infer1 {variant}] lower+compile {t_compile:.1f} s")
     print(f"    arguments {args / GB:9.3f} GB   (of which host-resident params {host / GB:.3f} GB)")
     print(f"    temporaries {temp / GB:7.3f} GB")

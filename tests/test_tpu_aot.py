@@ -1,5 +1,6 @@
 """The TPU path compiled by XLA:TPU itself: the tiny DiT's forward + backward with the Pallas splash kernel, FSDP x
-Ulysses over four v5p chips, compiled ahead of time on this CPU host for a TPU topology (``libtpu``; no TPU).
+Ulysses over four v5p chips, and the one-chip ``--use-fp8 --cpu-offload`` forward (block weights in host memory),
+compiled ahead of time on this CPU host for a TPU topology (``libtpu``; no TPU).
 
 libtpu lives outside the test environment (it makes every JAX start-up probe for a TPU): ``.ci/run`` installs it
 with ``pip install --target .venv/tpu-site "libtpu==0.0.42.*"`` and sets ``HCJAX_LIBTPU_SITE`` and
@@ -46,3 +47,7 @@ def test_dit_train_step_compiles_for_tpu_with_splash_and_sharding():
     # per-chip arguments: the shards, not the whole model (TPU pads small arrays to its tiles: allow 10 %)
     assert out["argument_bytes"] < out["unsharded_param_bytes"] / 2
     assert abs(out["argument_bytes"] - out["expected_argument_bytes"]) <= 0.1 * out["expected_argument_bytes"]
+    # offload: XLA:TPU compiled the per-layer host->device copies and counts the block weights as host arguments
+    # (before storage.host_resident kept [6, D] biases on the device, this compile failed in layout assignment)
+    assert out["offload_host_param_bytes"] > 0
+    assert out["offload_host_argument_bytes"] >= out["offload_host_param_bytes"]

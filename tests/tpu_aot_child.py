@@ -21,6 +21,7 @@ from jax.experimental import topologies  # noqa: E402
 from hcjax import dit  # noqa: E402
 from hcjax import sharding as S  # noqa: E402
 from hcjax.config import MeshConfig, preset  # noqa: E402
+from hcjax.dit.storage import abstract_runtime_params  # noqa: E402
 
 
 def main() -> None:
@@ -50,6 +51,7 @@ def main() -> None:
         lowered = jax.jit(grad_fn).lower(params, *args, **kwargs)
         compiled = lowered.compile()
     m = compiled.memory_analysis()
+    offload = offload_forward(cfg, topo.devices[0])
     shard_bytes = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize  # noqa
                                    for x in jax.tree.leaves(tree))
     full_bytes = lambda tree: sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -62,7 +64,26 @@ def main() -> None:
         "unsharded_param_bytes": int(full_bytes(params)),
         "sharded_param_bytes": int(shard_bytes(params)),
         "all_to_all": compiled.as_text().count("all-to-all"),
+        **offload,
     }))
+
+
+def offload_forward(cfg, device) -> dict:
+    """One chip, fp8 block kernels held in host memory (``--use-fp8 --cpu-offload``): the forward compiles."""
+    cfg = dataclasses.replace(cfg, use_fp8=True, cpu_offload=True, remat="none")
+    dev = jax.sharding.SingleDeviceSharding(device)
+    params = abstract_runtime_params(dit.abstract_params(cfg), cfg, dev)
+    args, kwargs = dit.example_inputs(cfg, batch=1, latent_thw=(4, 16, 16), text_len=64, abstract=True)
+    sh = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev)  # noqa: E731
+    args, kwargs = jax.tree.map(sh, args), jax.tree.map(sh, kwargs)
+    host = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)
+               if x.sharding.memory_kind == "pinned_host")
+    one = jax.make_mesh((1, 1, 1, 1), S.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=[device])
+    with jax.set_mesh(one):
+        compiled = jax.jit(lambda p, *a, **kw: dit.HunyuanDiT(cfg).apply({"params": p}, *a, **kw)).lower(
+            params, *args, **kwargs).compile()
+    m = compiled.memory_analysis()
+    return {"offload_host_param_bytes": int(host), "offload_host_argument_bytes": int(m.host_argument_size_in_bytes)}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ layer's bf16 weights exist at a time:
   bf16(scale)`` (product rounded to bf16), then the ordinary bf16 matmul; biases and norms are unchanged. The
   original's fused ``linear1`` / ``linear2`` are split here (``linear1_qkv + linear1_mlp``, ``linear2_attn +
   linear2_mlp``): both halves share the original layer's one scale.
-* **offload** (``cfg.cpu_offload``): the stacks live in ``pinned_host`` memory; :func:`take_layer` copies one layer
+* **offload** (``cfg.cpu_offload``): the stacks' weight matrices live in ``pinned_host`` memory (vectors and
+  ``[6, D]``-like leaves -- biases, norm scales, fp8 scales, under 0.1 % of the bytes -- stay on the device:
+  :func:`host_resident`); :func:`take_layer` copies one layer
   (as raw bits, so fp8 moves 1 byte/weight) to device memory inside the jitted loop, and ``run_stack`` prefetches
   layer ``i + 1`` while layer ``i`` computes (double buffering).
 
@@ -167,7 +169,7 @@ def runtime_params(params, cfg, fp8_scales: Mapping | None = None, host_memory_k
             _quantize_stack(stack, kind, fp8_scales)
         stack = jax.tree.map(_to_bits, stack)
         if cfg.cpu_offload:
-            stack = jax.tree.map(lambda a: _to_host(a, host_memory_kind), stack)
+            stack = jax.tree.map(lambda a: _to_host(a, host_memory_kind) if host_resident(a.shape) else a, stack)
         out[kind] = stack
     return out
 
@@ -177,6 +179,16 @@ def _nodes(tree):
         yield tree
         for v in tree.values():
             yield from _nodes(v)
+
+
+def host_resident(shape) -> bool:
+    """Whether a stacked leaf of ``shape`` (``[layers, ...]``) is kept in host memory under ``cfg.cpu_offload``: when
+    one layer of it is at least a matrix with a dimension of 8 or more before the last. XLA:TPU (libtpu 0.0.42)
+    fails to compile a dynamic slice of a packed (16/8-bit) host array whose per-layer slice is a vector or a
+    ``[6, D]`` matrix (layout RET_CHECK / "sublane slicing size" errors, found by AOT compiles for v5p), so those
+    small leaves stay on the device; every weight matrix goes to the host."""
+    layer = tuple(shape)[1:]
+    return len(layer) >= 2 and max(layer[:-1]) >= 8
 
 
 def _to_host(a, kind: str):
@@ -241,8 +253,8 @@ def take_layer(stacked, i, cfg):
 def abstract_runtime_params(abstract, cfg, sharding=None, host_memory_kind: str = "pinned_host"):
     """``jax.ShapeDtypeStruct`` tree of :func:`runtime_params` (nothing allocated; for AOT memory analysis).
 
-    ``sharding``: the (device) sharding given to every leaf (e.g. a single-device sharding); block stacks get its
-    ``host_memory_kind`` variant when ``cfg.cpu_offload``."""
+    ``sharding``: the (device) sharding given to every leaf (e.g. a single-device sharding); the block stacks'
+    :func:`host_resident` leaves get its ``host_memory_kind`` variant when ``cfg.cpu_offload``."""
     abstract = nn.unbox(abstract)
 
     def sds(shape, dtype, host=False):
@@ -260,5 +272,6 @@ def abstract_runtime_params(abstract, cfg, sharding=None, host_memory_kind: str 
                                                  FP8_SCALE: jax.ShapeDtypeStruct(k.shape[:1], np.float32)})
         out[kind] = jax.tree.map(
             lambda a: sds(a.shape, _bits_dtype(a.dtype) if np.dtype(a.dtype).itemsize < 4 and
-                          jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, cfg.cpu_offload), stack)
+                          jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+                          cfg.cpu_offload and host_resident(a.shape)), stack)
     return out

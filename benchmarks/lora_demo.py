@@ -99,7 +99,7 @@ def run(args, print_fn=print) -> dict:
     tc = dataclasses.replace(cfg.train, steps=args.steps, learning_rate=args.lr, warmup_steps=10,
                              lr_schedule="constant", batch_size=args.batch, ema_decay=0.0,
                              init_from=str(bundle / "dit"), save_every=args.steps, log_every=25, keep=1, data=dc,
-                             lora=lc, seed=args.seed)
+                             lora=lc, seed=args.seed, flow_shift=args.flow_shift)
     cfg = dataclasses.replace(cfg, train=tc).validate()
     t1 = time.perf_counter()
     subject_clips(work / "raw", subject, args.clips, seed=args.seed)
@@ -118,7 +118,8 @@ def run(args, print_fn=print) -> dict:
     report = {"subject": index, "name": demo.subject_name(subject), "before": before, "after": after,
               "tune_s": tune_s, "clips_s": t_clips, "encode_s": t_encode, "train_s": tune_s - t_clips - t_encode,
               "final_loss": last.get("loss"), "adapter_bytes": adapter.stat().st_size,
-              "settings": {k: getattr(args, k) for k in ("clips", "steps", "rank", "alpha", "lr", "batch", "seeds")}}
+              "settings": {k: getattr(args, k) for k in ("clips", "steps", "rank", "alpha", "lr", "batch", "seeds",
+                                                         "flow_shift")}}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report
@@ -135,6 +136,9 @@ def parse(argv=None):
     p.add_argument("--alpha", type=float, default=0.0, help="0: = rank")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--flow-shift", type=float, default=1.0,
+                   help="train.flow_shift of the LoRA run (> 1 puts more training steps at high noise, where the "
+                        "demo decides the subject's shape)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (x 4 directions)")
     p.add_argument("--sample-steps", type=int, default=None, help="default: the bundle's sample.steps")

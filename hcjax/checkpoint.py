@@ -36,15 +36,30 @@ from .cli import hold_interrupts
 from .config import Config, ConfigError, config_from_json, to_dict
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, tag: str = "tmp") -> Iterator[Path]:
+    """Write the directory ``path`` all at once: yields a sibling ``.NAME.TAG-PID`` directory to fill; when the block
+    ends normally it replaces ``path`` (an existing ``path`` is removed first), on any exception (interrupts
+    included) it is removed and ``path`` is left as it was."""
+    path = Path(path).absolute()
+    tmp = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_params(path: str | Path, params: Any, cfg: Config, *, overwrite: bool = False) -> Path:
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {path} already exists; choose another path or pass --overwrite")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(path) as tmp:
         # a KeyboardInterrupt raised in a Python callback that tensorstore runs from C++ during the save aborts
         # the process (std::terminate, exit -6, the temporary directory left): the interrupt waits for the save
         with hold_interrupts():
@@ -52,12 +67,6 @@ def save_params(path: str | Path, params: Any, cfg: Config, *, overwrite: bool =
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
         (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -38,12 +38,11 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .checkpoint import (TrainCheckpoints, check_workdir, load_checkpoint_config, load_params,  # noqa: E402
+from .checkpoint import (TrainCheckpoints, atomic_dir, check_workdir, load_checkpoint_config, load_params,  # noqa: E402
                          random_params, save_params)
 from .conditioning import clip, llava, whisper  # noqa: E402
 from .config import PRESET_DIR, Config, apply_overrides, config_from_json, load_config, to_dict  # noqa: E402
@@ -144,10 +143,7 @@ def export_bundle(dit_run, out, *, vae: str, text_from: str, step: int | None = 
                  "produces those states, so samples of this bundle follow no prompt")
     if cfg.dit.audio_condition and text_dir is not None and not (text_dir / "whisper" / "config.json").is_file():
         raise FileNotFoundError(f"--text-from {text_dir}: the audio DiT needs whisper/ in the bundle")
-    tmp = out.absolute().with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, "partial") as tmp:
         save_params(tmp / "dit", dit_params, cfg)
         save_params(tmp / "vae", vae_params, cfg)
         towers = TOWERS if cfg.dit.audio_condition else TOWERS[:2]
@@ -164,12 +160,6 @@ def export_bundle(dit_run, out, *, vae: str, text_from: str, step: int | None = 
         (tmp / "export.json").write_text(json.dumps({
             "dit_run": str(dit_run), "step": step, "ema": ema, "vae": vae, "text_from": text_from,
             "overrides": list(overrides)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print_fn(f"wrote {out}: DiT step {step}{' (EMA)' if ema else ''} of {dit_run}, VAE {vae}, text towers "
              f"{text_from}; sample with: python sample.py --ckpt-dir {out}")
     return out

@@ -40,6 +40,7 @@ from .checkpoint import TrainCheckpoints, load_params, random_params, save_param
 from .config import Config, ConfigError, to_dict
 from .data.sources import mask_videos
 from .media import decode_frames, probe
+from .training import MetricsLog
 
 log = logging.getLogger("hcjax.vae_training")
 
@@ -239,7 +240,8 @@ def train_vae(cfg: Config, workdir: str | Path, *, resume: bool = False, print_f
         key = jax.random.key(vc.seed)
         bar = tqdm(range(start, vc.steps), desc="vae", unit="step", disable=progress is False, initial=start,
                    total=vc.steps)
-        with (workdir / "metrics.jsonl").open("a") as metrics:
+        metrics = MetricsLog(workdir, tensorboard=False)         # written by process 0 only
+        try:
             for i in bar:
                 x = sample_windows(clips, rng, vc.batch_size, vc.frames, vc.crop, refs, vc.ref_fraction)
                 params, opt_state, m = step(params, opt_state, x, jax.random.fold_in(key, i))
@@ -248,14 +250,15 @@ def train_vae(cfg: Config, workdir: str | Path, *, resume: bool = False, print_f
                     if not np.isfinite(m["loss"]):
                         raise FloatingPointError(f"vae training: non-finite loss at step {i + 1}: {m}; the last good "
                                                  f"checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
-                    metrics.write(json.dumps(dict(step=i + 1, time_s=time.perf_counter() - t0, **m)) + "\n")
-                    metrics.flush()
+                    metrics.write(i + 1, dict(time_s=time.perf_counter() - t0, **m))
                     bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.3f}")
                     if progress is False:
                         print_fn(f"vae step {i + 1}: l1 {m['l1']:.4f} mse {m['mse']:.5f} kl {m['kl']:.3f}")
                 if (i + 1) % vc.save_every == 0 and i + 1 < vc.steps:
                     ckpts.save(i + 1, {"step": np.int32(i + 1), "params": params, "opt_state": opt_state},
                                {"rng": rng.bit_generator.state}, cfg)
+        finally:
+            metrics.close()
     finally:
         ckpts.close()
     scale = measure_scaling(params, cfg, clips)

@@ -51,6 +51,9 @@ from hcjax.config import MeshConfig, preset  # noqa: E402
 from hcjax.dit.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
 from hcjax.vae.tiling import spread_fn, tile_fn, tiling_constants  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tpu_target  # noqa: E402
+
 GB, T = 1e9, 1e12
 PEAK = {"8x H100 SXM": (8, 989e12), "TPU v5p-8 (4 chips)": (4, 459e12)}
 ANCHORS = "HunyuanVideo 720p/129f/50 steps (CFG-distilled, batch 1): 1,904 s on 1x H100, 337.6 s on 8x H100 (xDiT)"
@@ -73,17 +76,18 @@ def _abstract(mesh, tree, rules=None, dtype=None):
     return S.abstract_sharded(tree, mesh, rules, dtype)
 
 
-def stage_step(mesh_shape, ulysses: int, depth_scale: bool = True) -> None:
+def stage_step(mesh_shape, ulysses: int, depth_scale: bool = True, topology: str | None = None) -> None:
+    devices = tpu_target.devices(topology) if topology else None
     base = dataclasses.replace(preset("hunyuancustom_720p").dit, dtype="bfloat16", param_dtype="bfloat16",
-                               attention="chunked", attention_block_q=1024, attention_block_kv=1024,
-                               ulysses_degree=ulysses)
+                               attention="splash" if topology else "chunked", attention_block_q=1024,
+                               attention_block_kv=1024, ulysses_degree=ulysses)
     mesh_cfg = MeshConfig(*mesh_shape)
     lt, lh, lw = (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8
     g = pipeline.Guidance(cfg_scale=7.5, ip_cfg_scale=0.0, use_deepcache=False)
     b = g.branches()
 
     def compile_for(cfg):
-        mesh = S.make_mesh(mesh_cfg, cfg)
+        mesh = S.make_mesh(mesh_cfg, cfg, devices=devices)
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
         conds = pipeline.Conditions(text_states=sds((b, TEXT_LEN, cfg.text_states_dim)),
@@ -99,7 +103,8 @@ def stage_step(mesh_shape, ulysses: int, depth_scale: bool = True) -> None:
         return compiled, time.perf_counter() - t0, mesh
 
     compiled, t_compile, mesh = compile_for(base)
-    print(f"[step] mesh {dict(mesh.shape)}, ulysses_degree {ulysses or 'from mode'}; {lt}x{lh}x{lw} latents, "
+    where = f"{len(devices)} {devices[0].device_kind} ({topology}, XLA:TPU AOT, splash)" if topology else "CPU"
+    print(f"[step] {where}, mesh {dict(mesh.shape)}, ulysses_degree {ulysses or 'from mode'}; {lt}x{lh}x{lw} latents, "
           f"{(lt + 1) * (lh // 2) * (lw // 2)} video+ref tokens + {TEXT_LEN} text, CFG batch {b}", flush=True)
     _report("step", compiled, t_compile)
     # cost analysis counts a loop body once (the scanned block stacks, chunked attention's blocks): count one block
@@ -129,7 +134,8 @@ def _block_flops(cfg, cls, batch: int, n_img: int, n_txt: int) -> float:
         x = sds((batch, n_img + n_txt, cfg.hidden_size), bf)
     args = (x, sds((batch, cfg.hidden_size), bf), *rope, sds((batch,), jnp.int32))
     params = jax.eval_shape(lambda k, *a: block.init(k, *a), jax.random.key(0), *args)["params"]
-    cost = jax.jit(lambda p, *a: block.apply({"params": p}, *a)).lower(params, *args).cost_analysis()
+    with S.trace_for("gpu"):            # `xla` = dense jax.nn attention (on CPU it is a blocked loop counted once)
+        cost = jax.jit(lambda p, *a: block.apply({"params": p}, *a)).lower(params, *args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     print(f"[step] one {cls.__name__}: {cost['flops'] / T:.1f} TFLOP (batch {batch}, {n_img} + {n_txt} tokens)",
           flush=True)
@@ -202,7 +208,20 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=("step", "vae", "text"), default=None, help="default: all, in subprocesses")
     p.add_argument("--mesh", type=int, nargs=4, default=(1, 1, 8, 1), metavar=("DATA", "FSDP", "SEQ", "TENSOR"))
     p.add_argument("--ulysses-degree", type=int, default=0)
+    p.add_argument("--target", choices=("cpu", "tpu"), default="cpu", help="step: fake CPU devices, or XLA:TPU ahead "
+                   "of time for the chips of --topology with splash attention (needs libtpu: benchmarks/tpu_target.py)")
+    p.add_argument("--topology", default="v5p:2x2x2", help="--target tpu: TPU topology (8 chips by default)")
     args = p.parse_args(argv)
+    if args.target == "tpu":
+        if args.stage not in (None, "step"):
+            raise SystemExit("--target tpu: only --stage step")
+        if args.stage is None:
+            env = tpu_target.child_env(dict(os.environ, JAX_PLATFORMS="cpu"))
+            return subprocess.run([sys.executable, __file__, "--stage", "step", "--mesh", *map(str, args.mesh),
+                                   "--ulysses-degree", str(args.ulysses_degree), "--target", "tpu", "--topology",
+                                   args.topology], env=env).returncode
+        stage_step(tuple(args.mesh), args.ulysses_degree, topology=args.topology)
+        return 0
     if args.stage is None:
         for stage in ("text", "vae", "step"):
             env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -20,6 +20,7 @@ the same mesh.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -38,17 +39,36 @@ __all__ = [
     "AXES", "DEFAULT_RULES", "RULE_SETS", "TEXT_RULES", "abstract_sharded", "check_mesh", "default_mesh_config",
     "input_sharding", "logical_names", "logical_to_shardings", "make_mesh", "maybe_initialize_distributed",
     "mesh_config", "mesh_spec", "on_device", "param_shardings", "replicate", "resolve_shape", "rules_for",
-    "shard_params", "target_platform", "to_host", "to_memory", "use_mesh",
+    "shard_params", "target_platform", "to_host", "to_memory", "trace_for", "use_mesh",
 ]
 
 
 # ------------------------------------------------------------------------------------------- mesh
 
 
+_TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("hcjax_trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def trace_for(platform: str):
+    """Trace (lower) the code inside for ``platform`` (``cpu``, ``gpu``, ``tpu``) whatever the mesh or backend: the
+    kernels the model dispatches by platform (attention, VAE convolutions) are chosen for it. For lowering only,
+    e.g. XLA's cost analysis of the dense accelerator attention on a CPU host. jax's trace caches do not see this
+    setting: lower a function (jit) that has not been traced for another platform already."""
+    token = _TRACE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TRACE_PLATFORM.reset(token)
+
+
 def target_platform() -> str:
-    """The platform the code being traced will run on: that of the devices of the mesh set by ``jax.set_mesh``
-    (``use_mesh``), else the default backend. Differs from ``jax.default_backend()`` when compiling ahead of time
-    for devices this process does not drive (a TPU topology from ``jax.experimental.topologies`` on a CPU host)."""
+    """The platform the code being traced will run on: the one named by :func:`trace_for`, else that of the
+    devices of the mesh set by ``jax.set_mesh`` (``use_mesh``), else the default backend. Differs from
+    ``jax.default_backend()`` when compiling ahead of time for devices this process does not drive (a TPU topology
+    from ``jax.experimental.topologies`` on a CPU host)."""
+    if _TRACE_PLATFORM.get() is not None:
+        return _TRACE_PLATFORM.get()
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)   # None: no mesh is set
     platform = getattr(device, "platform", None)
     return platform or jax.default_backend()

@@ -312,3 +312,24 @@ def test_sequence_parallel_bad_combinations():
     with jax.set_mesh(mesh_of((1, 2, 4, 1))):            # a mesh but no logical rules: refuse, don't replicate
         with pytest.raises(ValueError, match="logical axis rules"):
             A.dot_product_attention(q, k, v, kv_lengths=kv, impl="xla")
+
+
+def test_dispatch_follows_the_traced_platform():
+    """``xla`` on a CPU target is the blocked CPU kernel; traced for an accelerator (``trace_for``, or a
+    mesh of accelerator devices in AOT) it is the dense ``jax.nn`` attention; splash is refused only for a non-TPU
+    target."""
+    from hcjax import sharding as S
+
+    q = jnp.zeros((1, 64, 2, 16), jnp.float32)
+    lens = jnp.asarray([60], jnp.int32)
+    def jaxpr():         # a new function each time: jax's trace caches do not key on trace_for
+        return str(jax.make_jaxpr(lambda q: A.dot_product_attention(q, q, q, kv_lengths=lens, impl="xla"))(q))
+
+    assert S.target_platform() == "cpu"
+    assert "cpu_attention" in jaxpr()
+    with S.trace_for("gpu"):
+        assert S.target_platform() == "gpu"
+        assert "cpu_attention" not in jaxpr() and "dot_general" in jaxpr()
+        with pytest.raises(ValueError, match="splash attention is a TPU kernel .*'gpu'"):
+            A.dot_product_attention(q, q, q, kv_lengths=lens, impl="splash")
+    assert S.target_platform() == "cpu"

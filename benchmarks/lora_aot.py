@@ -5,8 +5,8 @@
     python benchmarks/lora_aot.py --case one              # 1 device, batch 1, fp8 base (--base bf16 to compare)
     python benchmarks/lora_aot.py --target tpu            # compiled by XLA:TPU for v5p chips (no TPU needed)
 
-``--target tpu`` needs ``libtpu``: ``pip install --target .venv/tpu-site "libtpu==0.0.42.*"`` (the version jax 0.10.2
-pins; a site directory of its own, found through ``HCJAX_LIBTPU_SITE``, default ``.venv/tpu-site``). The step is compiled for a TPU topology
+``--target tpu`` needs ``libtpu`` (see ``benchmarks/tpu_target.py``: ``pip install --target .venv/tpu-site
+"libtpu==0.0.42.*"``, found through ``HCJAX_LIBTPU_SITE``). The step is compiled for a TPU topology
 (``jax.experimental.topologies``; default ``v5p:2x2x2`` for 8 chips, ``v5p:2x2x1`` for one) on this CPU host, with
 the Pallas splash attention kernel, so the figures are XLA:TPU's own buffer assignment. On fake CPU devices XLA:CPU
 keeps fp32 copies of bf16 dot operands (no bf16 GEMM on that backend), which inflates the CPU figures.

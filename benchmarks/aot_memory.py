@@ -201,7 +201,8 @@ def _child_infer1(variant: str, height: int, width: int, frames: int, text_len: 
     where = f"1 {device.device_kind} ({topology}, XLA:TPU AOT)" if topology else "1 CPU device"
     print(f"[infer1 {variant}] {where}; {frames}x{height}x{width} -> latent {lt}x{lh}x{lw}, {n_tokens} tokens "
           f"(incl. reference + {text_len} text); CFG branches {b}, cfg_batch {cfg_batch or b}, ffn_chunk {ffn_chunk}, "
-          f"attention {attention} ({block}); params {n_bytes / GB:.2f} GB ({host / GB:.2f} GB in host memory)", flush=True)
+          f"attention {attention} ({block}); params {n_bytes / GB:.2f} GB ({host / GB:.2f} GB in host memory)",
+          flush=True)
     conds = pipeline.Conditions(text_states=sds((b, text_len, cfg.text_states_dim)),
                                 text_mask=sds((b, text_len), jnp.int32), text_states_2=sds((b, cfg.text_states_dim_2)),
                                 ref_latents=sds((b, 1, lh, lw, cfg.in_channels)))

@@ -107,7 +107,8 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
         areas = masks.reshape(len(masks), -1).sum(1).astype(np.float64)
         area_cv.append(float(areas.std() / max(areas.mean(), 1.0)))
         pieces.append([components(m) for m in masks])
-        per.append({"components": pieces[-1], "identity": ident[-1], "motion": motion[-1], "nearest_ref": int(np.argmin(med)),
+        per.append({"components": pieces[-1], "identity": ident[-1], "motion": motion[-1],
+                    "nearest_ref": int(np.argmin(med)),
                     "displacement": None if moved is None else [round(float(v), 2) for v in moved],
                     "silhouette_iou": round(ious[-1], 3), "area_cv": round(area_cv[-1], 3)})
     n = len(videos)

@@ -14,7 +14,11 @@ the DiT fits what it saw apart from how it generalises. ``--seeds N`` repeats th
 mean; the calibrations, the training-subject check and the strip use the first. ``--start-sigma S [S ...]`` is a
 diagnostic of where the subject's look is lost: each sample starts from the generator's clip of its pair (the
 second calibration's clips) noised to sigma S instead of from pure noise, and runs the remaining steps.
-``--strip`` writes ``demo_strip.png`` (and ``demo.gif``) of the first pairs.
+Two subjects per video (issue 24; ``demo.two_subject_pairs``: 12 pairs of held-out subjects, prompt naming each
+by colour, one reference each): both subjects present with their colour and shape (``demo.evaluate_multi``), each
+moving in its own direction, and frames with exactly two pieces; calibrated on the generator's two-subject clips
+and those through the VAE; ``--seeds`` repeats it too. ``--strip`` writes ``demo_strip.png`` (and ``demo.gif``):
+four single-subject and three two-subject samples.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ def ground_truth_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
             for p in pairs]
 
 
+def two_subject_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
+    """The generator's two-subject clips of the two-subject pairs (their subjects and directions, half travel)."""
+    return [synthetic.make_multi_clip(np.random.default_rng([seed, p["index"]]), demo.FRAMES, demo.SIZE, demo.SIZE,
+                                      2, picks=list(p["subjects"]), directions=list(p["directions"]),
+                                      travel=demo.TRAVEL)[0] for p in pairs]
+
+
 def vae_roundtrip(models, videos) -> list[np.ndarray]:
     """The clips encoded (posterior mean) and decoded by the bundle's VAE: the best the DiT could produce."""
     out = []
@@ -57,17 +68,23 @@ def vae_roundtrip(models, videos) -> list[np.ndarray]:
 
 
 def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
-    """``demo_strip.png``: per row the reference, then every other frame; ``demo.gif``: the first ``n`` side by side."""
+    """``demo_strip.png``: per row the reference(s) (one image, or a list for a multi-subject pair), then every
+    other frame, the prompt above; ``demo.gif``: the first ``n`` side by side."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    n = min(n, len(videos))
+    refs = [r if isinstance(r, (list, tuple)) else [r] for r in refs[:n]]
+    k = max(len(r) for r in refs)
     rows = []
-    for v, r in zip(videos[:n], refs[:n]):
+    for v, rr in zip(videos[:n], refs):
         gap = np.full((v.shape[1], 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([r, gap, gap] + [x for f in v[::2] for x in (f, gap)], axis=1))
+        rr = list(rr) + [np.full_like(rr[0], 255)] * (k - len(rr))
+        rows.append(np.concatenate([x for r in rr for x in (r, gap)] + [gap] + [x for f in v[::2] for x in (f, gap)],
+                                   axis=1))
     strip = np.concatenate([np.concatenate([row, np.full((4, row.shape[1], 3), 255, np.uint8)]) for row in rows])
     img = Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for i, p in enumerate(pairs[:n]):
-        draw.text((2 * (demo.SIZE + 8) + 4, i * 2 * (demo.SIZE + 4) + 2), p["prompt"], fill=(0, 0, 0))
+        draw.text((2 * (k * (demo.SIZE + 4) + 4) + 4, i * 2 * (demo.SIZE + 4) + 2), p["prompt"], fill=(0, 0, 0))
     paths = [out_dir / "demo_strip.png"]
     img.save(paths[0])
     frames = [Image.fromarray(np.concatenate([v[t] for v in videos[:n]], axis=1)).resize(
@@ -78,8 +95,30 @@ def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
 
 
 SEED_STRIDE = 1000       # seed k of --seeds: seed + 1000 k (the pairs use seed + index, 0..23)
+TWO_HEADLINE = ("all_present", "subject_present", "motion_accuracy", "intact_frames", "components_per_frame")
+
+
+def _two_figures(report: dict) -> dict:
+    return {k: report[k] for k in TWO_HEADLINE}
+
+
 HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_accuracy_vs_wrong_prompt",
             "silhouette_iou", "area_cv", "intact_frames", "components_per_frame")
+
+
+def two_subject_report(models, two, refs, seed: int, seeds: int, steps) -> tuple[dict, list[np.ndarray]]:
+    """The two-subject figures (per seed, their mean, and the generator / VAE calibrations) and the first seed's
+    videos."""
+    videos = demo.generate_eval(models, two, seed=seed, steps=steps)
+    per_seed = [{"seed": seed, **_two_figures(demo.evaluate_multi(videos, refs, two))}]
+    for i in range(1, seeds):
+        got = demo.evaluate_multi(demo.generate_eval(models, two, seed=seed + SEED_STRIDE * i, steps=steps), refs, two)
+        per_seed.append({"seed": seed + SEED_STRIDE * i, **_two_figures(got)})
+    clips = two_subject_videos(two)
+    mean = {k: float(np.mean([p[k] for p in per_seed])) for k in TWO_HEADLINE}
+    return {"per_seed": per_seed, "mean_over_seeds": mean,
+            "ground_truth": _two_figures(demo.evaluate_multi(clips, refs, two)),
+            "vae_roundtrip": _two_figures(demo.evaluate_multi(vae_roundtrip(models, clips), refs, two))}, videos
 
 
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
@@ -127,13 +166,19 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
         report["from_clips"].append({"start_sigma": sigma, **{k: got[k] for k in keys}})
     report["generate_s"] = gen_s
     report["seed"] = seed
+    # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
+    two = demo.two_subject_pairs()
+    try:
+        report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps)
+    except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts
+        report["two_subject"], two_videos = {"error": str(e)}, []
     with tempfile.TemporaryDirectory() as tmp:      # training subjects, new videos: fit vs generalisation
         seen = demo.seen_pairs(Path(tmp))
         seen_refs = [read_image(p["ref_image"]) for p in seen]
         got = demo.evaluate_videos(demo.generate_eval(models, seen, seed=seed, steps=steps), seen_refs,
                                    [p["direction"] for p in seen], [p["subject"][0] for p in seen])
     report["seen_subjects"] = {k: got[k] for k in keys}
-    return report, videos, refs, pairs
+    return report, videos, refs, pairs, two_videos, two
 
 
 def main(argv=None) -> int:
@@ -159,7 +204,7 @@ def evaluate(args) -> None:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if any(not 0.0 < x <= 1.0 for x in args.start_sigma):
         raise ValueError(f"--start-sigma values must be in (0, 1], got {args.start_sigma}")
-    report, videos, refs, pairs = run(args.bundle, args.seed, args.steps, args.set, seeds=args.seeds,
+    report, videos, refs, pairs, two_videos, two = run(args.bundle, args.seed, args.steps, args.set, seeds=args.seeds,
                                       start_sigmas=args.start_sigma)
     n = report["n"]
     print(f"{n} held-out pairs, generated in {report['generate_s']:.0f}s")
@@ -189,13 +234,27 @@ def evaluate(args) -> None:
             print(f"seed {p['seed']!s:>5}: identity {p['identity_accuracy']:.1%}, colour {p['color_accuracy']:.1%}, "
                   f"motion {p['motion_accuracy']:.1%} (vs a wrong prompt {p['motion_accuracy_vs_wrong_prompt']:.1%}), "
                   f"IoU {p['silhouette_iou']:.3f}, area CV {p['area_cv']:.3f}, intact frames {p['intact_frames']:.1%}")
+    ts = report["two_subject"]
+    if "error" in ts:
+        print(f"two subjects: not measured, this bundle cannot encode the two-subject prompts ({ts['error']})")
+    for p in ts.get("per_seed", []) + ([{"seed": "mean", **ts["mean_over_seeds"]}] if len(ts.get("per_seed", [])) > 1
+                                       else []):
+        print(f"two subjects, seed {p['seed']!s:>5}: both present {p['all_present']:.1%} (each subject "
+              f"{p['subject_present']:.1%}), motion {p['motion_accuracy']:.1%}, intact frames {p['intact_frames']:.1%}"
+              f" ({p['components_per_frame']:.2f} pieces per frame)")
+    for name in ("ground_truth", "vae_roundtrip") if "error" not in ts else ():
+        p = ts[name]
+        print(f"two subjects, {name.replace('_', ' ')}: both present {p['all_present']:.1%}, motion "
+              f"{p['motion_accuracy']:.1%}, intact frames {p['intact_frames']:.1%}")
     for f in report["from_clips"]:
         print(f"from the generator's clips noised to sigma {f['start_sigma']}: identity {f['identity_accuracy']:.1%}, "
               f"colour {f['color_accuracy']:.1%}, motion {f['motion_accuracy']:.1%}, IoU {f['silhouette_iou']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.strip:
-        for p in write_strip(videos, refs, pairs, Path(args.strip)):
+        two_refs = [[refs[i] for i in p["refs"]] for p in two]
+        for p in write_strip(videos[:4] + two_videos[:3], refs[:4] + two_refs[:3], pairs[:4] + two[:3],
+                             Path(args.strip), n=7):
             print(f"wrote {p}")
 
 

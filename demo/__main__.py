@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", default=str(DEMO_BUNDLE), help="bundle output dir (default: assets/demo/model)")
     b.add_argument("--config", default=str(DEMO_CONFIG))
     b.add_argument("--num-clips", type=int, default=1200)
+    b.add_argument("--two-subject", type=float, default=0.0, metavar="F",
+                   help="share of two-subject training clips (default 0: single-subject only)")
     b.add_argument("--set", action="append", default=[], metavar="A.B=V")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
@@ -30,7 +32,8 @@ def main(argv=None) -> int:
 
     def run():
         if args.cmd == "build":
-            build(args.workdir, args.out, config=args.config, num_clips=args.num_clips, overrides=args.set,
+            build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
+                  two_subject=args.two_subject, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
         else:
             print("\n".join(str(x) for x in write_eval_references(Path(args.out))))

@@ -36,36 +36,60 @@ from hcjax.models import TINY_TOKENIZERS
 from hcjax.models.text import load_text_encoders
 
 from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL,
-                       caption)
+                       TWO_TEMPLATES, caption, caption_two)
 
 
-def make_dataset(out: Path, num_clips: int, seed: int = 0) -> Path:
-    """Training clips of :data:`TRAIN_SUBJECTS` only, with varied captions (layout of :mod:`hcjax.data.synthetic`)."""
+def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 0.0) -> Path:
+    """Training clips of :data:`TRAIN_SUBJECTS` only, with varied captions (layout of :mod:`hcjax.data.synthetic`).
+    ``two_subject``: that share of the clips (every clip whose own draw falls below it) shows two training
+    subjects of different colours and shapes (:func:`hcjax.data.synthetic.make_multi_clip` in half-lane travel,
+    captions :func:`demo.subjects.caption_two`); 0 writes exactly the single-subject dataset it always did."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for i in range(num_clips):
-        rng = np.random.default_rng([seed, i])
-        subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
-        video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL)
-        meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
         stem = f"clip_{i:04d}"
-        Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
+        if two_subject and np.random.default_rng([seed, i, 2]).uniform() < two_subject:
+            rng = np.random.default_rng([seed, i, 2, 1])
+            while True:
+                a, b = (TRAIN_SUBJECTS[j] for j in rng.choice(len(TRAIN_SUBJECTS), 2, replace=False))
+                if a[0] != b[0] and a[2] != b[2]:
+                    break
+            video, refs, meta, _ = synthetic.make_multi_clip(rng, FRAMES, SIZE, SIZE, 2, picks=[a, b],
+                                                            travel=TRAVEL)
+            meta["caption"], meta["item_names"] = caption_two(rng, [a[0], b[0]],
+                                                              [sb["motion"] for sb in meta["subjects"]])
+            meta["ref_images"] = [f"{stem}_ref{k}.png" for k in range(2)]
+            for name, im in zip(meta["ref_images"], refs):
+                Image.fromarray(im).save(tmp / name)
+        else:
+            rng = np.random.default_rng([seed, i])
+            subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
+            video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL)
+            meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
+            Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
+            meta["ref_image"] = f"{stem}_ref.png"
         write_video(tmp / f"{stem}.mp4", video, fps=8, crf=12)
-        meta["ref_image"] = f"{stem}_ref.png"
         (tmp / f"{stem}.json").write_text(json.dumps(meta, indent=1))
     tmp.replace(out)
     return out
 
 
-def tokenizer_corpus() -> list[str]:
-    """The captions (many times, so that their words become single tokens) + the template head and tail once."""
+def tokenizer_corpus(two_subject: bool = False) -> list[str]:
+    """The captions (many times, so that their words become single tokens) + the template head and tail once;
+    with ``two_subject`` also the two-subject captions and their item names."""
     caps = [t.format(p=p) + f"\nThe {n} looks like"
             for _ in SUBJECTS for t in TEMPLATES for d in PHRASES for p in PHRASES[d] for n in ("object", "person")]
+    if two_subject:
+        colors = list(synthetic.COLORS)
+        caps += [t.format(c0=c0, c1=c1, p0=p0, p1=p1) + f"\nThe {c0} object looks like\nThe {c1} object looks like"
+                 for c0 in colors for c1 in colors if c0 != c1 for t in TWO_TEMPLATES
+                 for axis in (("left", "right"), ("up", "down")) for d0 in axis for d1 in axis
+                 for p0 in PHRASES[d0] for p1 in PHRASES[d1]]
     return caps + [PROMPT_TEMPLATE.format("") + "\nThe person looks like"]
 
 
-def make_llava_tokenizer(out: Path, base_vocab: int = 500, corpus=None) -> Path:
+def make_llava_tokenizer(out: Path, base_vocab: int = 500, corpus=None, two_subject: bool = False) -> Path:
     """Llama-3-style byte-level BPE (BOS via the post-processor) trained on ``corpus`` (default: the template and
     the demo captions), ``<image>`` = ``base_vocab`` and ``<pad>`` = ``base_vocab + 1``; saved as a transformers
     fast tokenizer. The tests' tiny tokenizers are built with it too."""
@@ -77,7 +101,7 @@ def make_llava_tokenizer(out: Path, base_vocab: int = 500, corpus=None) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=base_vocab, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer)
+    tok.train_from_iterator(tokenizer_corpus(two_subject) if corpus is None else corpus, trainer)
     if tok.get_vocab_size() < base_vocab:
         tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(base_vocab - tok.get_vocab_size())])
     tok.add_special_tokens(["<image>", "<pad>"])
@@ -100,13 +124,14 @@ def crop_start(tokenizer) -> int:
     return n
 
 
-def make_text_towers(cfg: Config, out: Path, seed: int = 7) -> tuple[Path, Path]:
-    """``out/llava`` and ``out/clip``: tokenizers + seeded random weights as hcjax checkpoints."""
+def make_text_towers(cfg: Config, out: Path, seed: int = 7, two_subject: bool = False) -> tuple[Path, Path]:
+    """``out/llava`` and ``out/clip``: tokenizers (the LLaVA one also trained on two-subject captions with
+    ``two_subject``) + seeded random weights as hcjax checkpoints."""
     from transformers import AutoTokenizer
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    make_llava_tokenizer(tmp / "llava.tok")
+    make_llava_tokenizer(tmp / "llava.tok", two_subject=two_subject)
     tok = AutoTokenizer.from_pretrained(str(tmp / "llava.tok"), local_files_only=True)
     n = crop_start(tok)
     if n != cfg.llava.crop_start:
@@ -134,8 +159,12 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
 
 
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
-          num_clips: int = 1200, overrides=(), overwrite: bool = False, print_fn=print) -> Path:
-    """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``."""
+          num_clips: int = 1200, two_subject: float = 0.0, overrides=(), overwrite: bool = False,
+          print_fn=print) -> Path:
+    """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
+    of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too)."""
+    if not 0.0 <= two_subject < 1.0:
+        raise ValueError(f"two_subject must be in [0, 1), got {two_subject}")
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -143,8 +172,8 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))
-    _stage("data", data, lambda: make_dataset(data, num_clips), print_fn)
-    _stage("text", text, lambda: make_text_towers(cfg, text), print_fn)
+    _stage("data", data, lambda: make_dataset(data, num_clips, two_subject=two_subject), print_fn)
+    _stage("text", text, lambda: make_text_towers(cfg, text, two_subject=two_subject > 0), print_fn)
     vcfg = dataclasses.replace(cfg, vae_train=dataclasses.replace(cfg.vae_train, data=str(data)))
     _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
                                                                      progress=False), print_fn)

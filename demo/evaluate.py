@@ -54,15 +54,22 @@ def distance(a: dict, b: dict) -> float:
     return float(np.abs(a["color"] - b["color"]).sum() + np.abs(a["silhouette"] - b["silhouette"]).mean())
 
 
-def components(mask: np.ndarray, min_area: float = 0.004, close: int = 1) -> int:
-    """Connected pieces of one frame's subject mask ``bool [H, W]`` (8-connected, OpenCV), counting pieces of at
-    least ``min_area`` of the frame (specks of noise are not a copy). A ``close`` (pixels) morphological closing first
-    rejoins a subject that its own texture cuts into stripes or dots: two copies further apart stay two."""
+def pieces(mask: np.ndarray, min_area: float = 0.004, close: int = 1) -> list[np.ndarray]:
+    """The connected pieces of one frame's subject mask ``bool [H, W]`` (8-connected, OpenCV) of at least
+    ``min_area`` of the frame (specks of noise are not a copy), each a ``bool [H, W]`` mask of the original pixels.
+    A ``close`` (pixels) morphological closing first rejoins a subject that its own texture cuts into stripes or
+    dots: two copies further apart stay two."""
     m = mask.astype(np.uint8)
     if close:
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((2 * close + 1,) * 2, np.uint8))
-    _, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    return int((stats[1:, cv2.CC_STAT_AREA] >= max(4.0, min_area * m.size)).sum())
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    keep = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= max(4.0, min_area * m.size))[0] + 1
+    return [(labels == k) & mask.astype(bool) for k in keep]
+
+
+def components(mask: np.ndarray, min_area: float = 0.004, close: int = 1) -> int:
+    """The number of :func:`pieces` of one frame's subject mask."""
+    return len(pieces(mask, min_area, close))
 
 
 def centroid(mask: np.ndarray) -> np.ndarray | None:
@@ -120,9 +127,56 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
             "components_per_frame": float(np.mean([c for v in pieces for c in v])), "per_video": per}
 
 
+def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list[dict]) -> dict:
+    """Figures of generated multi-subject videos: ``pairs[i]["refs"]`` are the indices (into ``refs``, the pool
+    of candidate references) of video i's subjects, ``pairs[i]["directions"]`` their prompted motions.
+
+    In every frame each subject is the connected piece (:func:`pieces`) nearest to its own reference
+    (:func:`descriptor` of the piece: its colour and silhouette); the subject is *present* when the median over
+    frames of that piece's distances to all ``refs`` is smallest at its own reference (as the single-subject
+    identity); *both/all present* when every subject of the video is; motion: the subject's piece moves in its
+    prompted direction (first -> last frame, as :func:`evaluate_videos`); intact frames: exactly K pieces."""
+    ref_desc = [descriptor(r) for r in refs]
+    present, all_present, motion, per, counts = [], [], [], [], []
+    for video, p in zip(videos, pairs):
+        frame_pieces = [pieces(m) for m in foreground(video)]
+        counts.append([len(fp) for fp in frame_pieces])
+        found = []
+        for k, (ri, d) in enumerate(zip(p["refs"], p["directions"])):
+            rows, cents = [], []
+            for frame, fp in zip(video, frame_pieces):
+                best = None
+                for m in fp:
+                    dsc = {"color": frame[m].astype(np.float32).mean(0) / 255.0, "silhouette": silhouette(m)}
+                    if dsc["silhouette"] is None:
+                        continue
+                    dist = distance(dsc, ref_desc[ri])
+                    if best is None or dist < best[0]:
+                        best = (dist, dsc, m)
+                rows.append([distance(best[1], rd) for rd in ref_desc] if best else [np.inf] * len(refs))
+                cents.append(None if best is None else centroid(best[2]))
+            med = np.median(np.array(rows), axis=0)
+            ok = bool(np.isfinite(med[ri]) and int(np.argmin(med)) == ri)
+            moved = None if cents[0] is None or cents[-1] is None else cents[-1] - cents[0]
+            mv = moved is not None and float(np.linalg.norm(moved)) > 2.0 and max(
+                synthetic.DIRECTIONS, key=lambda v: float(np.dot(moved, synthetic.DIRECTIONS[v]))) == d
+            present.append(ok)
+            motion.append(mv)
+            found.append({"present": ok, "nearest_ref": int(np.argmin(med)), "motion": mv})
+        all_present.append(all(f["present"] for f in found))
+        per.append({"subjects": found, "components": counts[-1]})
+    k = len(pairs[0]["refs"]) if pairs else 0
+    return {"n": len(videos), "all_present": float(np.mean(all_present)), "subject_present": float(np.mean(present)),
+            "motion_accuracy": float(np.mean(motion)), "identity_chance": 1.0 / len(refs),
+            "intact_frames": float(np.mean([c == k for v in counts for c in v])),
+            "components_per_frame": float(np.mean([c for v in counts for c in v])), "per_video": per}
+
+
 def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None,
                   start_videos=None, start_sigma: float = 1.0) -> list[np.ndarray]:
     """One video per evaluation pair with the bundle's sampling defaults (``cfg.sample``) and ``seed + index``.
+    A pair with ``"ref_images"`` / ``"item_names"`` (:func:`demo.subjects.two_subject_pairs`) is sampled with all
+    its references.
 
     ``start_videos`` (uint8 ``[F, H, W, 3]`` per pair; a diagnostic): each sample starts from that video's latents
     (VAE posterior mean) noised to ``start_sigma`` instead of from pure noise (:func:`hcjax.pipeline.generate`)."""
@@ -136,14 +190,17 @@ def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None
         if start_videos is not None:
             pix = jnp.asarray(np.asarray(start_videos[k])[None].astype(np.float32) / 127.5 - 1.0)
             init = (encode_video(models.vae, models.cfg.vae, pix), start_sigma)
-        req = Request(ref_image=str(p["ref_image"]), pos_prompt=p["prompt"], item_name="object",
+        multi = "ref_images" in p
+        req = Request(ref_image=[str(r) for r in p["ref_images"]] if multi else str(p["ref_image"]),
+                      pos_prompt=p["prompt"], item_name=list(p["item_names"]) if multi else "object",
                       video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
                       flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale,
                       ip_cfg_scale=sc.ip_cfg_scale, seed=seed + p["index"], fps=sc.fps)
         frames, _ = generate(models, req, init=init)
         out.append(np.asarray(frames))
         if print_fn:
-            print_fn(f"  {p['index']:2d} {subject_name(p['subject'])!r} {p['direction']}")
+            names = [subject_name(x) for x in p["subjects"]] if multi else subject_name(p["subject"])
+            print_fn(f"  {p['index']:2d} {names!r} {p.get('directions', p.get('direction'))}")
     return out
 
 

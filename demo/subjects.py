@@ -5,6 +5,11 @@ seeded) never appear in training and form the evaluation set. Clips are :data:`F
 :data:`SIZE` x :data:`SIZE`; a subject crosses :data:`TRAVEL` of the frame. Captions never name the subject (the
 text carries the motion only; the DiT must take the subject's look from the reference image). Images are
 ``uint8 [H, W, 3]`` RGB.
+
+Two-subject clips (issue 24) name each subject by its colour only (``the red object moves left and the blue object
+moves right``, item names ``red object`` / ``blue object``): the caption must say which subject makes which motion,
+and the shape and texture still have to come from the references. Their evaluation set pairs held-out subjects
+(:func:`two_subject_pairs`; the references are the held-out ``subject_NN.png``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ FRAMES, SIZE, REF_RADIUS = 9, 64, 14.0
 TRAVEL = 0.5       # the subject crosses half the frame in a clip (less motion per 4-frame latent for the VAE)
 
 
+TWO_TEMPLATES = ("the {c0} object moves {p0} and the {c1} object moves {p1}",
+                 "a {c0} object moves {p0}, a {c1} object moves {p1}")
+EVAL_PROMPT_TWO = TWO_TEMPLATES[0]
+TWO_DIRECTIONS = (("left", "right"), ("up", "down"), ("right", "left"), ("down", "up"))
+
+
 def subject_name(subject) -> str:
     return " ".join(subject)
 
@@ -43,6 +54,13 @@ def caption(rng: np.random.Generator, direction: str) -> tuple[str, str]:
     """A random caption (one of :data:`TEMPLATES`) and the item name for a subject moving in ``direction``."""
     p = PHRASES[direction][rng.integers(2)]
     return TEMPLATES[rng.integers(len(TEMPLATES))].format(p=p), "object"
+
+
+def caption_two(rng: np.random.Generator, colors, motions) -> tuple[str, list[str]]:
+    """A random two-subject caption (one of :data:`TWO_TEMPLATES`) and the item names (``<colour> object``)."""
+    p = [PHRASES[d][rng.integers(2)] for d in motions]
+    t = TWO_TEMPLATES[rng.integers(len(TWO_TEMPLATES))]
+    return t.format(c0=colors[0], c1=colors[1], p0=p[0], p1=p[1]), [f"{c} object" for c in colors]
 
 
 def reference_image(subject, size: int = SIZE) -> np.ndarray:
@@ -63,6 +81,27 @@ def _pair(i: int, subject, ref_image: Path) -> dict:
 def eval_pairs() -> list[dict]:
     """The held-out evaluation set: each held-out subject with one direction (cycling) and the eval prompt."""
     return [_pair(i, s, DEMO_DIR / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
+
+
+def two_subject_pairs(n: int = 12, seed: int = 11) -> list[dict]:
+    """``n`` evaluation pairs of two held-out subjects each (distinct colours and shapes, drawn with ``seed``),
+    directions cycling over :data:`TWO_DIRECTIONS`, prompt :data:`EVAL_PROMPT_TWO`; ``"refs"`` are the subjects'
+    indices in :data:`HELD_OUT` (their references are ``subject_NN.png``)."""
+    rng = np.random.default_rng(seed)
+    pairs, used = [], set()
+    while len(pairs) < n:
+        a, b = (int(x) for x in rng.choice(len(HELD_OUT), 2, replace=False))
+        sa, sb = HELD_OUT[a], HELD_OUT[b]
+        if sa[0] == sb[0] or sa[2] == sb[2] or (a, b) in used or (b, a) in used:
+            continue
+        used.add((a, b))
+        i = len(pairs)
+        dirs = TWO_DIRECTIONS[i % len(TWO_DIRECTIONS)]
+        prompt = EVAL_PROMPT_TWO.format(c0=sa[0], c1=sb[0], p0=PHRASES[dirs[0]][1], p1=PHRASES[dirs[1]][1])
+        pairs.append({"index": i, "subjects": (sa, sb), "refs": (a, b), "directions": dirs, "prompt": prompt,
+                      "item_names": [f"{sa[0]} object", f"{sb[0]} object"],
+                      "ref_images": [DEMO_DIR / f"subject_{a:02d}.png", DEMO_DIR / f"subject_{b:02d}.png"]})
+    return pairs
 
 
 def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:

@@ -276,3 +276,97 @@ def test_components_metric_catches_split_copies_and_lost_subjects(refs):
     assert demo.evaluate_videos(two, refs, DIRS, COLORS, subjects=2)["intact_frames"] == 1.0
     blank = demo.evaluate_videos([np.full_like(v, 128) for v in videos], refs, DIRS)
     assert blank["intact_frames"] == 0.0 and blank["components_per_frame"] == 0.0
+
+
+TWO = demo.two_subject_pairs()
+
+
+def test_two_subject_pairs_are_held_out_and_distinct():
+    assert len(TWO) == 12 and len({tuple(p["refs"]) for p in TWO}) == 12
+    for p in TWO:
+        (a, b), (sa, sb) = p["refs"], p["subjects"]
+        assert (demo.HELD_OUT[a], demo.HELD_OUT[b]) == (sa, sb)
+        assert sa[0] != sb[0] and sa[2] != sb[2]
+        assert p["ref_images"][0].name == f"subject_{a:02d}.png" and sa[0] in p["prompt"] and sb[0] in p["prompt"]
+
+
+def test_two_subject_metric(refs):
+    """evaluate_multi on independent data (the generator's two-subject clips): perfect as generated; scored
+    against the other pair's references it fails; with the prompted directions swapped, motion fails; with the
+    second subject's lane painted over, that subject is missing (each-subject 50 %, no frame intact)."""
+    clips = demo_eval.two_subject_videos(TWO)
+    good = demo.evaluate_multi(clips, refs, TWO)
+    assert good["all_present"] == 1.0 and good["motion_accuracy"] == 1.0
+    assert good["intact_frames"] == 1.0 and good["components_per_frame"] == 2.0
+    rolled = demo.evaluate_multi(clips, refs, [dict(p, refs=TWO[(i + 1) % 12]["refs"]) for i, p in enumerate(TWO)])
+    assert rolled["all_present"] <= 0.1
+    swapped = [dict(p, directions=tuple(reversed(p["directions"]))) for p in TWO]
+    assert demo.evaluate_multi(clips, refs, swapped)["motion_accuracy"] == 0.0
+    erased = []
+    for v, p in zip(clips, TWO):
+        v = v.copy()
+        if p["directions"][0] in ("left", "right"):      # lanes are rows: subject 1 in the lower half
+            v[:, demo.SIZE // 2:] = 128
+        else:                                             # columns: subject 1 in the right half
+            v[:, :, demo.SIZE // 2:] = 128
+        erased.append(v)
+    one = demo.evaluate_multi(erased, refs, TWO)
+    assert one["all_present"] == 0.0 and one["subject_present"] == 0.5 and one["intact_frames"] == 0.0
+
+
+def test_multi_clip_choices_keep_the_other_draws():
+    """picks / directions fix those choices and leave every other draw as it was (same clip when they repeat the
+    drawn ones); travel < 1 moves each subject by that share of its lane; bad choices are named."""
+    rng = lambda: np.random.default_rng([4, 2])                              # noqa: E731
+    video, refs_, meta, mask = synthetic.make_multi_clip(rng(), 9, 64, 64, 2)
+    subs = meta["subjects"]
+    again = synthetic.make_multi_clip(rng(), 9, 64, 64, 2, picks=[(s["color"], s["texture"], s["shape"]) for s in subs],
+                                      directions=[s["motion"] for s in subs])
+    np.testing.assert_array_equal(again[0], video)
+    assert again[2] == meta
+    half = synthetic.make_multi_clip(rng(), 9, 64, 64, 2, travel=0.5)[3][..., 0] > 0
+    full = mask[..., 0] > 0
+    horizontal = subs[0]["motion"] in ("left", "right")
+
+    def span(m):                         # how far subject 0 (first lane) moves along the motion axis, first -> last
+        lane = m[:, :32] if horizontal else m[:, :, :32]
+        c = [np.nonzero(f.any(axis=0 if horizontal else 1))[0].mean() for f in lane[[0, -1]]]
+        return abs(c[1] - c[0])
+    assert 0.3 * span(full) < span(half) < 0.7 * span(full)
+    with pytest.raises(ValueError, match="distinct colours"):
+        synthetic.make_multi_clip(rng(), 9, 64, 64, 2, picks=[("red", "plain", "circle")] * 2)
+    with pytest.raises(ValueError, match="one axis"):
+        synthetic.make_multi_clip(rng(), 9, 64, 64, 2, directions=["left", "up"])
+
+
+def test_dataset_with_two_subject_clips(tmp_path):
+    """make_dataset(two_subject=F): about that share of two-subject clips of training subjects only (distinct
+    colours and shapes, captions naming each colour with its motion), one reference each; the single-subject
+    clips are exactly those of the single-subject dataset; the two-subject tokenizer reads the colours as words
+    and the longest two-subject prompt fits the demo's text length."""
+    from transformers import AutoTokenizer
+
+    from hcjax.conditioning.text import build_prompt
+
+    mixed = demo.make_dataset(tmp_path / "mixed", 40, two_subject=0.4)
+    plain = demo.make_dataset(tmp_path / "plain", 40)
+    metas = {p.stem: json.loads(p.read_text()) for p in sorted(mixed.glob("clip_*.json"))}
+    two = [k for k, m in metas.items() if "ref_images" in m]
+    assert 8 <= len(two) <= 24
+    for k, m in metas.items():
+        if k in two:
+            subs = [(s["color"], s["texture"], s["shape"]) for s in m["subjects"]]
+            assert all(s in demo.TRAIN_SUBJECTS for s in subs) and subs[0][0] != subs[1][0] and subs[0][2] != subs[1][2]
+            assert m["item_names"] == [f"{s[0]} object" for s in subs]
+            assert all(s[0] in m["caption"] for s in subs) and all((mixed / r).exists() for r in m["ref_images"])
+        else:
+            assert m == json.loads((plain / f"{k}.json").read_text())
+            np.testing.assert_array_equal(read_image(mixed / m["ref_image"]), read_image(plain / m["ref_image"]))
+    demo.make_llava_tokenizer(tmp_path / "tok", two_subject=True)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"), local_files_only=True)
+    ids = tok("the magenta object moves to the left", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[1] == "Ġmagenta"
+    lc = load_config(demo.DEMO_CONFIG).llava
+    longest = build_prompt("the magenta object moves to the right and the magenta object moves to the right",
+                           ["magenta object", "magenta object"])
+    assert len(tok(longest)["input_ids"]) <= lc.text_len + demo.crop_start(tok)

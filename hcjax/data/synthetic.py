@@ -146,20 +146,35 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
 MAX_SUBJECTS = 4
 
 
-def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: int, subjects: int = 2):
+def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: int, subjects: int = 2, *,
+                    picks=None, directions=None, travel: float = 1.0):
     """A clip of ``subjects`` (K >= 2) subjects: frames ``uint8 [F, H, W, 3]``, K reference images ``uint8 [K, H,
     W, 3]`` (each subject centred on white), metadata, and the subjects' region ``uint8 [F, H, W, 3]`` (255 inside).
 
     One motion axis per clip (random); the frame is cut into K equal lanes along it (rows for horizontal motion,
     columns for vertical); subject k crosses lane k edge to edge in its own random direction on that axis, so the
-    subjects never overlap. Colours and shapes differ between the subjects."""
+    subjects never overlap. Colours and shapes differ between the subjects. ``picks`` (K ``(color, texture,
+    shape)``, distinct colours) and ``directions`` (K motions on one axis) fix those choices; the random draws are
+    made either way, so the other choices do not change. ``travel`` < 1: each subject crosses that fraction of its
+    lane from a random start (as :func:`make_clip`; 1 keeps the clips exactly as before)."""
     if not 2 <= subjects <= MAX_SUBJECTS:
         raise ValueError(f"subjects must be 2..{MAX_SUBJECTS} for a multi-subject clip, got {subjects}")
+    if not 0.0 < travel <= 1.0:
+        raise ValueError(f"travel must be in (0, 1], got {travel}")
     colors = [list(COLORS)[j] for j in rng.permutation(len(COLORS))[:subjects]]
     shapes = [SHAPES[j] for j in rng.permutation(len(SHAPES))[:subjects]]
     textures = [TEXTURES[j] for j in rng.integers(len(TEXTURES), size=subjects)]
     rows = bool(rng.integers(2))             # horizontal motion in horizontal lanes (else vertical in columns)
     motions = [(("left", "right") if rows else ("up", "down"))[j] for j in rng.integers(2, size=subjects)]
+    if picks is not None:
+        if len(picks) != subjects or len({c for c, _, _ in picks}) != subjects:
+            raise ValueError(f"picks: need {subjects} (color, texture, shape) of distinct colours, got {picks}")
+        colors, textures, shapes = (list(x) for x in zip(*picks))
+    if directions is not None:
+        axes = {d in ("left", "right") for d in directions}
+        if len(directions) != subjects or len(axes) != 1 or not set(directions) <= set(DIRECTIONS):
+            raise ValueError(f"directions: need {subjects} motions on one axis, got {directions}")
+        motions, rows = list(directions), axes.pop()
     lane = (height if rows else width) / subjects
     r = min(lane * rng.uniform(0.3, 0.4), min(height, width) * 0.26)
     gray = rng.uniform(110, 150)
@@ -169,8 +184,9 @@ def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: i
     video = np.broadcast_to(background, (frames, height, width, 3)).astype(np.float32)
     region = np.zeros((frames, height, width), bool)
     refs, subs = [], []
-    path = np.linspace(0.0, 1.0, frames)
+    starts = rng.uniform(0.0, 1.0 - travel, size=subjects) if travel < 1 else np.zeros(subjects)
     for k in range(subjects):
+        path = np.linspace(0.0, travel, frames) + starts[k]
         x0, x1 = (0.0, float(width)) if rows else (k * lane, (k + 1) * lane)
         y0, y1 = (k * lane, (k + 1) * lane) if rows else (0.0, float(height))
         ux, uy = DIRECTIONS[motions[k]]

@@ -10,10 +10,9 @@ measures the model (:mod:`.evaluate`). The subjects, held-out split, captions an
 from .build import build, crop_start, make_dataset, make_llava_tokenizer, make_text_towers, tokenizer_corpus
 from .evaluate import (centroid, components, descriptor, distance, evaluate_multi, evaluate_videos, foreground,
                        generate_eval, load_demo, pieces, silhouette)
-from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, EVAL_PROMPT, FRAMES, HELD_OUT, PHRASES, REF_RADIUS,
-                       SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, TWO_TEMPLATES, caption, caption_two,
-                       eval_pairs, reference_image, seen_pairs, subject_name, two_subject_pairs,
-                       write_eval_references)
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, EVAL_PROMPT, FRAMES, HELD_OUT, PHRASES, REF_RADIUS, SIZE,
+                       SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, TWO_TEMPLATES, caption, caption_two, eval_pairs,
+                       reference_image, seen_pairs, subject_name, two_subject_pairs, write_eval_references)
 
 __all__ = [
     "DEMO_BUNDLE", "DEMO_CONFIG", "DEMO_DIR", "EVAL_PROMPT", "FRAMES", "HELD_OUT", "PHRASES", "REF_RADIUS", "SIZE",

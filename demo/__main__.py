@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     b.add_argument("--num-clips", type=int, default=1200)
     b.add_argument("--two-subject", type=float, default=0.0, metavar="F",
                    help="share of two-subject training clips (default 0: single-subject only)")
+    b.add_argument("--vae", default=None, metavar="DIR",
+                   help="a trained demo VAE used frozen instead of training one (e.g. assets/demo/model/vae)")
     b.add_argument("--set", action="append", default=[], metavar="A.B=V")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     def run():
         if args.cmd == "build":
             build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
-                  two_subject=args.two_subject, overrides=args.set,
+                  two_subject=args.two_subject, vae=args.vae, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
         else:
             print("\n".join(str(x) for x in write_eval_references(Path(args.out))))

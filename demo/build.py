@@ -2,12 +2,14 @@
 
 Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues):
 
-1. ``data``   synthetic subject clips (:mod:`hcjax.data.synthetic`) of the training subjects only; the
-              :data:`~demo.subjects.HELD_OUT` subjects never appear in training (they are the evaluation set);
+1. ``data``   synthetic subject clips (:mod:`hcjax.data.synthetic`) of the training subjects only, a share
+              (``--two-subject``) of them with two subjects; the :data:`~demo.subjects.HELD_OUT` subjects never
+              appear in training (they are the evaluation set);
 2. ``text``   the text towers: a LLaVA BPE tokenizer trained on the prompt template and the synthetic captions,
               the bundled char-level CLIP tokenizer, and seeded random (frozen) LLaVA / CLIP text weights;
 3. ``vae``    the 3D causal VAE trained from scratch (``train.py --stage vae``), then ``vae_finetune``: a second
-              run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer);
+              run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer); or,
+              with ``--vae DIR``, a VAE trained once before, copied and kept frozen;
 4. ``latents`` :func:`hcjax.data.encode.precompute` with that VAE and those text towers;
 5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents;
 6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
@@ -159,26 +161,36 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
 
 
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
-          num_clips: int = 1200, two_subject: float = 0.0, overrides=(), overwrite: bool = False,
-          print_fn=print) -> Path:
+          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None, overrides=(),
+          overwrite: bool = False, print_fn=print) -> Path:
     """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
-    of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too)."""
+    of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too). ``vae``:
+    a trained demo VAE (an hcjax checkpoint directory, e.g. a bundle's ``vae/``) used frozen instead of the VAE
+    stages (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
+    bundle it comes from)."""
     if not 0.0 <= two_subject < 1.0:
         raise ValueError(f"two_subject must be in [0, 1), got {two_subject}")
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     cfg = load_config(config, overrides)
+    if vae is not None:
+        given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint
+        if dataclasses.replace(given, scaling_factor=cfg.vae.scaling_factor) != cfg.vae:
+            raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section")
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))
     _stage("data", data, lambda: make_dataset(data, num_clips, two_subject=two_subject), print_fn)
     _stage("text", text, lambda: make_text_towers(cfg, text, two_subject=two_subject > 0), print_fn)
     vcfg = dataclasses.replace(cfg, vae_train=dataclasses.replace(cfg.vae_train, data=str(data)))
-    _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
-                                                                     progress=False), print_fn)
+    if vae is not None:         # trained once and frozen
+        _stage("vae", vae_run / "params", lambda: shutil.copytree(vae, vae_run / "params"), print_fn)
+    else:
+        _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
+                                                                         progress=False), print_fn)
     vc = cfg.vae_train
-    if vc.finetune_steps:      # a second run from the first one's weights (warm restart of the schedule)
+    if vc.finetune_steps and vae is None:      # a second run from the first one's weights (warm restart)
         first, vae_run = vae_run, workdir / "vae_finetune"
         fcfg = dataclasses.replace(vcfg, vae_train=dataclasses.replace(
             vcfg.vae_train, init_from=str(first / "params"), steps=vc.finetune_steps,

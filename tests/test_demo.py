@@ -130,6 +130,15 @@ def test_demo_cli(tmp_path):
                         str(tmp_path / "refs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+    # --vae (a VAE trained once, kept frozen): checked before any stage runs
+    for bad, msg in ((tmp_path / "refs", "not an hcjax checkpoint"),
+                     (M.DEMO_BUNDLE / "vae", "VAE architecture differs")):
+        extra = ["--set", "vae.block_out_channels=[8,16,16]"] if "differs" in msg else []
+        r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                            str(tmp_path / "new"), "--vae", str(bad)] + extra, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists() and not (tmp_path / "new").exists()
     r = subprocess.run([sys.executable, "-m", "hcjax.demo", "build", "--workdir", str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "No module named hcjax.demo" in r.stderr

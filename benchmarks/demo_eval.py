@@ -171,6 +171,8 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
     try:
         report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps)
     except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts
+        if "LLaVA tokens exceed" not in str(e):
+            raise
         report["two_subject"], two_videos = {"error": str(e)}, []
     with tempfile.TemporaryDirectory() as tmp:      # training subjects, new videos: fit vs generalisation
         seen = demo.seen_pairs(Path(tmp))

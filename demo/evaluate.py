@@ -41,9 +41,10 @@ def silhouette(mask: np.ndarray, size: int = 16) -> np.ndarray | None:
     return np.asarray(img, np.float32) / 255.0
 
 
-def descriptor(image: np.ndarray) -> dict | None:
-    """Colour (mean RGB of the subject pixels) and silhouette of one ``uint8 [H, W, 3]`` image."""
-    mask = foreground(image)
+def descriptor(image: np.ndarray, mask: np.ndarray | None = None) -> dict | None:
+    """Colour (mean RGB of the subject pixels) and silhouette of one ``uint8 [H, W, 3]`` image (of the pixels in
+    ``mask``, default: its :func:`foreground`)."""
+    mask = foreground(image) if mask is None else mask
     sil = silhouette(mask)
     if sil is None:
         return None
@@ -141,20 +142,15 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
     for video, p in zip(videos, pairs):
         frame_pieces = [pieces(m) for m in foreground(video)]
         counts.append([len(fp) for fp in frame_pieces])
+        described = [[(d, m) for m in fp if (d := descriptor(frame, m)) is not None]
+                     for frame, fp in zip(video, frame_pieces)]
         found = []
-        for k, (ri, d) in enumerate(zip(p["refs"], p["directions"])):
+        for ri, d in zip(p["refs"], p["directions"]):
             rows, cents = [], []
-            for frame, fp in zip(video, frame_pieces):
-                best = None
-                for m in fp:
-                    dsc = {"color": frame[m].astype(np.float32).mean(0) / 255.0, "silhouette": silhouette(m)}
-                    if dsc["silhouette"] is None:
-                        continue
-                    dist = distance(dsc, ref_desc[ri])
-                    if best is None or dist < best[0]:
-                        best = (dist, dsc, m)
-                rows.append([distance(best[1], rd) for rd in ref_desc] if best else [np.inf] * len(refs))
-                cents.append(None if best is None else centroid(best[2]))
+            for cands in described:
+                best = min(cands, key=lambda c: distance(c[0], ref_desc[ri]), default=None)
+                rows.append([distance(best[0], rd) for rd in ref_desc] if best else [np.inf] * len(refs))
+                cents.append(None if best is None else centroid(best[1]))
             med = np.median(np.array(rows), axis=0)
             ok = bool(np.isfinite(med[ri]) and int(np.argmin(med)) == ri)
             moved = None if cents[0] is None or cents[-1] is None else cents[-1] - cents[0]

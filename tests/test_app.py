@@ -262,6 +262,25 @@ def _visible(locator):
     return locator.filter(visible=True).first
 
 
+def _upload(page, component: str, path, shown: str, attempts: int = 4, wait_ms: int = 60_000):
+    """Set ``path`` on the file input of ``component`` until ``shown`` (a selector) appears.
+
+    The file is set again when it does not: a tab panel that was just selected may still be mounting its upload
+    component, and a change event delivered to an input that is then replaced is lost (seen once in CI: the name
+    never appeared within 300 s)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.locator(component).wait_for(state="visible", timeout=300_000)
+    for attempt in range(attempts):
+        page.locator(f"{component} input[type=file]").set_input_files(str(path))
+        try:
+            page.wait_for_selector(shown, timeout=wait_ms)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.mark.slow
 def test_browser_generate_shows_a_playable_video_of_the_right_length(server, page, tmp_path):
     shots = server["dir"]
@@ -277,8 +296,7 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
     page.get_by_role("tab", name="Reference image").click()
 
     frames, fps, steps = 5, 8, 3
-    page.locator("#image-ref input[type=file]").set_input_files(str(ROOT / "assets/demo/subject_05.png"))
-    page.wait_for_selector("#image-ref :text('subject_05.png')", timeout=300_000)
+    _upload(page, "#image-ref", ROOT / "assets/demo/subject_05.png", "#image-ref :text('subject_05.png')")
     _visible(page.get_by_label("Prompt", exact=True)).fill("the object moves to the right")
     for key, value in (("frames", frames), ("steps", steps), ("fps", fps)):
         page.locator(f"#image-{key} input").fill(str(value))
@@ -321,9 +339,8 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
 @pytest.mark.slow
 def test_browser_corrupt_upload_gets_the_apps_message(server, page):
     bad = _corrupt_png(server["dir"] / "broken_subject.png")
-    page.locator("#image-ref input[type=file]").set_input_files(str(bad))
+    _upload(page, "#image-ref", bad, "#image-status :text('broken_subject.png')")
     status = page.locator("#image-status")
-    page.wait_for_selector("#image-status :text('broken_subject.png')", timeout=300_000)
     text = status.inner_text()
     assert "Reference image" in text and "cannot decode" in text and "Could not preprocess" not in text
     _visible(page.get_by_role("button", name="Generate")).click()                 # generate checks it again

@@ -268,11 +268,10 @@ def _upload(page, component: str, path, shown: str, shots: Path, tab: str = "Ref
     """Upload ``path`` through the file input of ``component`` (in ``tab``) and wait until ``shown`` (a selector)
     appears; when it does not, screenshot the page into ``shots`` and upload again on a reloaded page.
 
-    Twice in full CI runs (-n 2, the other worker busy) the file's name never appeared after the file was set (once
-    within 300 s; once within 60 s, after which the component had taken the file: its input was gone); never with
-    the file alone, nor with three CPU burners beside it. The same server took the next test's upload, so the app
-    was fine; a hang of Gradio's upload UI is the likely cause (its upload / upload_progress races:
-    gradio-app/gradio#9514, #11102). A fresh page starts a fresh upload."""
+    In three full CI runs (-n 2, the other worker busy) the selector did not match within the wait (300 s once,
+    60 s twice), never with the file alone or beside CPU burners. The screenshot of the last one shows the upload
+    done, the name and size displayed: the page was fine and the selector missed the name it showed. A reloaded
+    page matched at once. Not understood yet; a wait on the component's innerText would avoid the selector."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     for attempt in range(attempts):

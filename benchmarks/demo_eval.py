@@ -44,11 +44,11 @@ from hcjax.media import read_image, to_uint8  # noqa: E402
 from hcjax.vae import decode_latents, encode_video  # noqa: E402
 
 
-def ground_truth_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
-    """The synthetic generator's clips of the eval pairs (the data distribution, never trained on)."""
+def ground_truth_videos(pairs, seed: int = 12345, world: demo.World = demo.World()) -> list[np.ndarray]:
+    """The synthetic generator's clips of the eval pairs (the data distribution of ``world``, never trained on)."""
     return [synthetic.make_clip(np.random.default_rng([seed, p["index"]]), demo.FRAMES, demo.SIZE, demo.SIZE,
-                                subject=p["subject"], direction=p["direction"], travel=demo.TRAVEL)[0]
-            for p in pairs]
+                                subject=p["subject"], direction=p["direction"], travel=demo.TRAVEL,
+                                radius=world.subject_radius)[0] for p in pairs]
 
 
 def two_subject_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
@@ -123,7 +123,20 @@ def two_subject_report(models, two, refs, seed: int, seeds: int, steps) -> tuple
 
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
         start_sigmas=()) -> dict:
-    pairs = demo.eval_pairs()
+    """The report (see :func:`main`). The bundle's demo world (``demo.World.load``) sets the size of the reference
+    images it gets (the committed ``subject_NN.png`` in the default world, else drawn at its ``ref_radius`` into a
+    temporary directory) and of the generator's calibration clips."""
+    world = demo.World.load(bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_dir = demo.DEMO_DIR
+        if world.ref_radius != demo.REF_RADIUS:
+            ref_dir = Path(tmp) / "references"
+            demo.write_eval_references(ref_dir, world.ref_radius)
+        return _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir)
+
+
+def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):
+    pairs = demo.eval_pairs(ref_dir)
     refs = [read_image(p["ref_image"]) for p in pairs]
     dirs = [p["direction"] for p in pairs]
     t0 = time.perf_counter()
@@ -147,7 +160,7 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
         report["per_seed"] = per_seed
         report["mean_over_seeds"] = {k: float(np.mean([p[k] for p in per_seed])) for k in HEADLINE}
     keys = tuple(k for k in HEADLINE if k != "motion_accuracy_vs_wrong_prompt")
-    clips = ground_truth_videos(pairs)
+    clips = ground_truth_videos(pairs, world=world)
     truth = demo.evaluate_videos(clips, refs, dirs, colors)
     report["ground_truth"] = {k: truth[k] for k in keys}
     rt = demo.evaluate_videos(vae_roundtrip(models, clips), refs, dirs, colors)
@@ -167,7 +180,7 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
     report["generate_s"] = gen_s
     report["seed"] = seed
     # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
-    two = demo.two_subject_pairs()
+    two = demo.two_subject_pairs(ref_dir=ref_dir)
     try:
         report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps)
     except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts
@@ -175,7 +188,7 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
             raise
         report["two_subject"], two_videos = {"error": str(e)}, []
     with tempfile.TemporaryDirectory() as tmp:      # training subjects, new videos: fit vs generalisation
-        seen = demo.seen_pairs(Path(tmp))
+        seen = demo.seen_pairs(Path(tmp), radius=world.ref_radius)
         seen_refs = [read_image(p["ref_image"]) for p in seen]
         got = demo.evaluate_videos(demo.generate_eval(models, seen, seed=seed, steps=steps), seen_refs,
                                    [p["direction"] for p in seen], [p["subject"][0] for p in seen])

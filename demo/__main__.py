@@ -10,7 +10,7 @@ from pathlib import Path
 from hcjax.cli import run_cli
 
 from .build import build
-from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, write_eval_references
+from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, World, write_eval_references
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,11 @@ def main(argv=None) -> int:
                    help="share of two-subject training clips (default 0: single-subject only)")
     b.add_argument("--vae", default=None, metavar="DIR",
                    help="a trained demo VAE used frozen instead of training one (e.g. assets/demo/model/vae)")
+    b.add_argument("--subject-radius", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="single-subject clips: subject radius range, fraction of the frame (default 0.18 0.26); the "
+                        "evaluation references are drawn at the middle of the range")
+    b.add_argument("--random-colors", action="store_true",
+                   help="single-subject clips paint their subject in a random saturated colour (video and reference)")
     b.add_argument("--set", action="append", default=[], metavar="A.B=V")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
@@ -34,8 +39,10 @@ def main(argv=None) -> int:
 
     def run():
         if args.cmd == "build":
+            world = (World.with_radius(*args.subject_radius, args.random_colors) if args.subject_radius
+                     else World(random_colors=args.random_colors))
             build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
-                  two_subject=args.two_subject, vae=args.vae, overrides=args.set,
+                  two_subject=args.two_subject, vae=args.vae, world=world, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
         else:
             print("\n".join(str(x) for x in write_eval_references(Path(args.out))))

@@ -38,14 +38,16 @@ from hcjax.models import TINY_TOKENIZERS
 from hcjax.models.text import load_text_encoders
 
 from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL,
-                       TWO_TEMPLATES, caption, caption_two)
+                       TWO_TEMPLATES, World, caption, caption_two, random_color)
 
 
-def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 0.0) -> Path:
+def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 0.0, world: World = World()) -> Path:
     """Training clips of :data:`TRAIN_SUBJECTS` only, with varied captions (layout of :mod:`hcjax.data.synthetic`).
     ``two_subject``: that share of the clips (every clip whose own draw falls below it) shows two training
     subjects of different colours and shapes (:func:`hcjax.data.synthetic.make_multi_clip` in half-lane travel,
-    captions :func:`demo.subjects.caption_two`); 0 writes exactly the single-subject dataset it always did."""
+    captions :func:`demo.subjects.caption_two`); 0 writes exactly the single-subject dataset it always did.
+    ``world``: the single-subject clips' subject radius and colours (:class:`demo.subjects.World`; a random colour
+    comes from its clip's own seed); recorded as ``out/demo.json``."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -67,12 +69,15 @@ def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 
         else:
             rng = np.random.default_rng([seed, i])
             subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
-            video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL)
+            rgb = random_color(np.random.default_rng([seed, i, 3])) if world.random_colors else None
+            video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL,
+                                                   radius=world.subject_radius, rgb=rgb)
             meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
             Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
             meta["ref_image"] = f"{stem}_ref.png"
         write_video(tmp / f"{stem}.mp4", video, fps=8, crf=12)
         (tmp / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    world.save(tmp)
     tmp.replace(out)
     return out
 
@@ -161,18 +166,22 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
 
 
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
-          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None, overrides=(),
-          overwrite: bool = False, print_fn=print) -> Path:
+          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None, world: World = World(),
+          overrides=(), overwrite: bool = False, print_fn=print) -> Path:
     """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
     of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too). ``vae``:
     a trained demo VAE (an hcjax checkpoint directory, e.g. a bundle's ``vae/``) used frozen instead of the VAE
     stages (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
-    bundle it comes from)."""
+    bundle it comes from). ``world``: how the clips draw their subjects (:class:`demo.subjects.World`), written
+    into the bundle as ``demo.json`` for the evaluation."""
     if not 0.0 <= two_subject < 1.0:
         raise ValueError(f"two_subject must be in [0, 1), got {two_subject}")
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if (workdir / "data").exists() and World.load(workdir / "data") != world:
+        raise ValueError(f"{workdir / 'data'} was made in another demo world ({World.load(workdir / 'data')}) than "
+                         f"this build's ({world}); use a new --workdir")
     cfg = load_config(config, overrides)
     if vae is not None:
         given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint
@@ -181,7 +190,7 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))
-    _stage("data", data, lambda: make_dataset(data, num_clips, two_subject=two_subject), print_fn)
+    _stage("data", data, lambda: make_dataset(data, num_clips, two_subject=two_subject, world=world), print_fn)
     _stage("text", text, lambda: make_text_towers(cfg, text, two_subject=two_subject > 0), print_fn)
     vcfg = dataclasses.replace(cfg, vae_train=dataclasses.replace(cfg.vae_train, data=str(data)))
     if vae is not None:         # trained once and frozen
@@ -216,6 +225,7 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     # the bundle's configs are the training config (with the measured VAE scaling), not the text tower defaults
     for c in ("dit", "vae", "llava", "clip"):
         (tmp / c / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    world.save(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

@@ -14,6 +14,9 @@ and the shape and texture still have to come from the references. Their evaluati
 
 from __future__ import annotations
 
+import colorsys
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,62 @@ FRAMES, SIZE, REF_RADIUS = 9, 64, 14.0
 TRAVEL = 0.5       # the subject crosses half the frame in a clip (less motion per 4-frame latent for the VAE)
 
 
+WORLD_FILE = "demo.json"      # in a bundle: the World its DiT was trained in (absent: the default World)
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """How a build draws its single-subject training clips, recorded in the bundle (:data:`WORLD_FILE`) so that
+    the evaluation gives the model references like the ones it was trained with. ``subject_radius``: the range of
+    the subject's radius (fraction of the frame; :func:`hcjax.data.synthetic.make_clip`); ``ref_radius``: the
+    radius (pixels at :data:`SIZE`) of the evaluation references; ``random_colors``: every training clip paints its
+    subject (video and reference alike) in a random saturated colour (:func:`random_color`) instead of its colour
+    name's, so that no colour + texture of the training set names a shape. The defaults are the committed
+    bundle's world; two-subject clips keep their named colours (their captions name them)."""
+
+    subject_radius: tuple[float, float] = (0.18, 0.26)
+    ref_radius: float = REF_RADIUS
+    random_colors: bool = False
+
+    def __post_init__(self):
+        lo, hi = self.subject_radius
+        if not 0.0 < lo <= hi < 0.5:
+            raise ValueError(f"subject radius must be 0 < lo <= hi < 0.5 of the frame, got {self.subject_radius}")
+        if not 2.0 <= self.ref_radius < SIZE / 2:
+            raise ValueError(f"reference radius must be in [2, {SIZE // 2}) pixels, got {self.ref_radius}")
+
+    @classmethod
+    def with_radius(cls, lo: float, hi: float, random_colors: bool = False) -> "World":
+        """Subjects of radius ``lo..hi`` (fraction of the frame), evaluation references at the middle of that
+        range (rounded to a pixel)."""
+        return cls((lo, hi), float(round(SIZE * (lo + hi) / 2)), random_colors)
+
+    def save(self, bundle: Path) -> Path:
+        path = Path(bundle) / WORLD_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, bundle: str | Path | None = None) -> "World":
+        """The world of ``bundle`` (default: the committed one); a bundle without :data:`WORLD_FILE` was built in
+        the default world."""
+        path = Path(DEMO_BUNDLE if bundle is None else bundle) / WORLD_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            return cls(tuple(data["subject_radius"]), float(data["ref_radius"]), bool(data["random_colors"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a demo world ({e})") from None
+
+
+def random_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random saturated colour (any hue; saturation 0.65-0.9, value 0.75-0.95): far from the gray and white
+    backgrounds, as the named colours are."""
+    h, s, v = rng.uniform(0.0, 1.0), rng.uniform(0.65, 0.9), rng.uniform(0.75, 0.95)
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
 TWO_TEMPLATES = ("the {c0} object moves {p0} and the {c1} object moves {p1}",
                  "a {c0} object moves {p0}, a {c1} object moves {p1}")
 EVAL_PROMPT_TWO = TWO_TEMPLATES[0]
@@ -63,11 +122,11 @@ def caption_two(rng: np.random.Generator, colors, motions) -> tuple[str, list[st
     return t.format(c0=colors[0], c1=colors[1], p0=p[0], p1=p[1]), [f"{c} object" for c in colors]
 
 
-def reference_image(subject, size: int = SIZE) -> np.ndarray:
-    """The subject centred on white, as the dataset's reference images."""
+def reference_image(subject, size: int = SIZE, radius: float = REF_RADIUS) -> np.ndarray:
+    """The subject centred on white (``radius`` pixels at :data:`SIZE`), as the dataset's reference images."""
     color, texture, shape = subject
     white = np.full((size, size, 3), 255, np.float32)
-    return synthetic.render(shape, texture, synthetic.COLORS[color], size / 2, size / 2, REF_RADIUS * size / 64,
+    return synthetic.render(shape, texture, synthetic.COLORS[color], size / 2, size / 2, radius * size / SIZE,
                             size, size, white)
 
 
@@ -78,12 +137,13 @@ def _pair(i: int, subject, ref_image: Path) -> dict:
             "ref_image": ref_image}
 
 
-def eval_pairs() -> list[dict]:
-    """The held-out evaluation set: each held-out subject with one direction (cycling) and the eval prompt."""
-    return [_pair(i, s, DEMO_DIR / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
+def eval_pairs(ref_dir: Path = DEMO_DIR) -> list[dict]:
+    """The held-out evaluation set: each held-out subject with one direction (cycling) and the eval prompt;
+    references ``ref_dir/subject_NN.png`` (:func:`write_eval_references`)."""
+    return [_pair(i, s, Path(ref_dir) / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
 
 
-def two_subject_pairs(n: int = 12, seed: int = 11) -> list[dict]:
+def two_subject_pairs(n: int = 12, seed: int = 11, ref_dir: Path = DEMO_DIR) -> list[dict]:
     """``n`` evaluation pairs of two held-out subjects each (distinct colours and shapes, drawn with ``seed``),
     directions cycling over :data:`TWO_DIRECTIONS`, prompt :data:`EVAL_PROMPT_TWO`; ``"refs"`` are the subjects'
     indices in :data:`HELD_OUT` (their references are ``subject_NN.png``)."""
@@ -100,11 +160,11 @@ def two_subject_pairs(n: int = 12, seed: int = 11) -> list[dict]:
         prompt = EVAL_PROMPT_TWO.format(c0=sa[0], c1=sb[0], p0=PHRASES[dirs[0]][1], p1=PHRASES[dirs[1]][1])
         pairs.append({"index": i, "subjects": (sa, sb), "refs": (a, b), "directions": dirs, "prompt": prompt,
                       "item_names": [f"{sa[0]} object", f"{sb[0]} object"],
-                      "ref_images": [DEMO_DIR / f"subject_{a:02d}.png", DEMO_DIR / f"subject_{b:02d}.png"]})
+                      "ref_images": [Path(ref_dir) / f"subject_{a:02d}.png", Path(ref_dir) / f"subject_{b:02d}.png"]})
     return pairs
 
 
-def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
+def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5, radius: float = REF_RADIUS) -> list[dict]:
     """``n`` training subjects in the layout of :func:`eval_pairs` (eval prompt, cycling directions), references
     written to ``ref_dir``. The model saw these subjects (never these videos): scoring them separates what the DiT
     fits from what it generalises to the held-out subjects."""
@@ -112,16 +172,18 @@ def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5) -> list[dict]:
     picks = sorted(np.random.default_rng(seed).choice(len(TRAIN_SUBJECTS), n, replace=False))
     pairs = [_pair(i, TRAIN_SUBJECTS[k], ref_dir / f"seen_{i:02d}.png") for i, k in enumerate(picks)]
     for p in pairs:
-        Image.fromarray(reference_image(p["subject"])).save(p["ref_image"])
+        Image.fromarray(reference_image(p["subject"], radius=radius)).save(p["ref_image"])
     return pairs
 
 
-def write_eval_references(out: Path = DEMO_DIR) -> list[Path]:
-    """The held-out subjects' reference images ``subject_NN.png`` in ``out`` (committed in ``assets/demo``)."""
+def write_eval_references(out: Path = DEMO_DIR, radius: float = REF_RADIUS) -> list[Path]:
+    """The held-out subjects' reference images ``subject_NN.png`` in ``out`` (committed in ``assets/demo`` at the
+    default radius)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for p in eval_pairs():
-        path = out / p["ref_image"].name
-        Image.fromarray(reference_image(p["subject"])).save(path)
+    for p in eval_pairs(out):
+        path = p["ref_image"]
+        Image.fromarray(reference_image(p["subject"], radius=radius)).save(path)
         paths.append(path)
     return paths

@@ -74,6 +74,45 @@ def test_synthetic_clips_move_as_captioned(raw):
         assert ref.shape == video.shape[1:] and (ref == 255).all(-1).mean() > 0.5      # subject on white
 
 
+def test_synthetic_subject_radius_and_colour_override():
+    """``make_clip(radius=, rgb=)``: the defaults make the clips the generator made before these options existed
+    (fingerprint of 12 clips computed with that code, commit 754943a); a fixed radius gives the subject the area its
+    shape has at that radius; ``rgb`` repaints the subject (video and reference; stripes at 0.45x) and changes
+    nothing else: the same rng draws, region and metadata (+ ``rgb``)."""
+    import hashlib
+
+    from hcjax.data import synthetic
+
+    h = hashlib.sha256()
+    for i in range(6):
+        for args, kw in (((np.random.default_rng([0, i]), 9, 64, 64), dict(subject=("red", "striped", "triangle"),
+                                                                             travel=0.5)),
+                         ((np.random.default_rng([1, i]), 5, 32, 48), {})):
+            v, r, m = synthetic.make_clip(*args, **kw)
+            h.update(v.tobytes()), h.update(r.tobytes()), h.update(repr(sorted(m.items())).encode())
+    assert h.hexdigest() == "06b0ad10c0094a64ee73ea30a5f0fe0a606695db16b34eade4343daa2ed4e66c"
+
+    subject = ("red", "plain", "circle")
+    for frac in (0.2, 0.3):
+        _, ref, _ = synthetic.make_clip(np.random.default_rng(0), 5, 64, 64, subject=subject, radius=(frac, frac))
+        area = (ref != 255).any(-1).sum()
+        assert abs(area - np.pi * (64 * frac) ** 2) < 0.03 * area, (frac, area)
+    for i in range(4):
+        plain = synthetic.make_clip(np.random.default_rng([2, i]), 9, 64, 64, return_mask=True)
+        paint = synthetic.make_clip(np.random.default_rng([2, i]), 9, 64, 64, return_mask=True, rgb=(10, 200, 30))
+        np.testing.assert_array_equal(paint[3], plain[3])
+        assert paint[2] == {**plain[2], "rgb": [10, 200, 30]}
+        inside = paint[3][..., 0] > 0
+        np.testing.assert_array_equal(paint[0][~inside], plain[0][~inside])
+        got = {tuple(c) for c in paint[0][inside].reshape(-1, 3)} | {tuple(c) for c in paint[1][(paint[1] != 255)
+                                                                                                .any(-1)]}
+        assert got <= {(10, 200, 30), (5, 90, 14)}, got          # the colour, and x0.45 on the texture's off cells
+    with pytest.raises(ValueError, match="radius"):
+        synthetic.make_clip(np.random.default_rng(0), 5, 64, 64, radius=(0.3, 0.2))
+    with pytest.raises(ValueError, match="rgb"):
+        synthetic.make_clip(np.random.default_rng(0), 5, 64, 64, rgb=(0, 300, 0))
+
+
 @pytest.mark.parametrize("travel", [0.5, 0.25])
 def test_synthetic_travel_is_the_fraction_of_the_frame_crossed(travel):
     """With ``travel`` < 1 the subject moves ``travel`` x as far as in the edge-to-edge clip drawn from the same

@@ -139,6 +139,11 @@ def test_demo_cli(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "run").exists() and not (tmp_path / "new").exists()
+    r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "new"), "--subject-radius", "0.3", "0.2", "--random-colors"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "subject radius must be" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "new").exists()
     r = subprocess.run([sys.executable, "-m", "hcjax.demo", "build", "--workdir", str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "No module named hcjax.demo" in r.stderr
@@ -379,3 +384,65 @@ def test_dataset_with_two_subject_clips(tmp_path):
     longest = build_prompt("the magenta object moves to the right and the magenta object moves to the right",
                            ["magenta object", "magenta object"])
     assert len(tok(longest)["input_ids"]) <= lc.text_len + demo.crop_start(tok)
+
+
+def test_demo_world_recorded_and_checked(tmp_path):
+    """A demo world (subject radius, evaluation reference radius, random colours): saved and loaded with a bundle
+    (none recorded = the default world, a malformed record named), invalid ranges refused; a build refuses a
+    workdir whose data were drawn in another world before any other stage runs."""
+    w = demo.World.with_radius(0.25, 0.35, random_colors=True)
+    assert w.ref_radius == 19.0 and demo.World.load(w.save(tmp_path).parent) == w
+    assert demo.World.load(tmp_path / "elsewhere") == demo.World() and demo.World().ref_radius == demo.REF_RADIUS
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / demo.WORLD_FILE).write_text('{"subject_radius": [0.2]}')
+    with pytest.raises(ValueError, match="bad/demo.json: not a demo world"):
+        demo.World.load(tmp_path / "bad")
+    for bad in ((0.3, 0.2), (0.0, 0.2), (0.2, 0.5)):
+        with pytest.raises(ValueError, match="subject radius"):
+            demo.World(bad)
+    demo.World().save((tmp_path / "run" / "data").mkdir(parents=True) or tmp_path / "run" / "data")
+    with pytest.raises(ValueError, match="another demo world"):
+        demo.build(tmp_path / "run", tmp_path / "out", world=w)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"] and not (tmp_path / "out").exists()
+
+
+def test_dataset_in_a_world_of_larger_randomly_coloured_subjects(tmp_path):
+    """make_dataset(world=...): the same clips as the default world (subjects, motions, captions) with every
+    subject larger and painted in its own saturated colour that is none of the seven named ones, video and reference
+    alike; the world is recorded with the data."""
+    w = demo.World.with_radius(0.25, 0.35, random_colors=True)
+    big = demo.make_dataset(tmp_path / "big", 12, world=w)
+    plain = demo.make_dataset(tmp_path / "plain", 12)
+    assert demo.World.load(big) == w and demo.World.load(plain) == demo.World()
+    named = {tuple(c) for c in synthetic.COLORS.values()}
+    colours = set()
+    for f in sorted(big.glob("clip_*.json")):
+        m, p = json.loads(f.read_text()), json.loads((plain / f.name).read_text())
+        rgb = tuple(m.pop("rgb"))
+        assert m == p and rgb not in named
+        colours.add(rgb)
+        hsv = np.asarray(__import__("colorsys").rgb_to_hsv(*(c / 255 for c in rgb)))
+        assert 0.6 <= hsv[1] <= 0.9 and 0.7 <= hsv[2] <= 0.95, rgb
+        ref, ref0 = read_image(big / m["ref_image"]), read_image(plain / p["ref_image"])
+        area, area0 = ((r != 255).any(-1).sum() for r in (ref, ref0))
+        assert area > 1.3 * area0, (f.name, area, area0)
+        assert tuple(ref[32, 32]) in {rgb, tuple(int(c * 0.45 + 0.5) for c in rgb)}
+    assert len(colours) == 12
+
+
+def test_world_evaluation_references(tmp_path):
+    """demo_eval in a world of larger subjects: references drawn at the world's radius where eval_pairs looks, and
+    the generator's own clips of that world score identity 100 % against them (the calibration still holds)."""
+    w = demo.World.with_radius(0.25, 0.35)
+    paths = demo.write_eval_references(tmp_path, w.ref_radius)
+    pairs = demo.eval_pairs(tmp_path)
+    assert [p["ref_image"] for p in pairs] == paths
+    refs = [read_image(p["ref_image"]) for p in pairs]
+    for p, r in zip(pairs, refs):
+        np.testing.assert_array_equal(r, demo.reference_image(p["subject"], radius=19.0))
+    assert all(p["ref_images"][0].parent == tmp_path for p in demo.two_subject_pairs(ref_dir=tmp_path))
+    clips = demo_eval.ground_truth_videos(pairs, world=w)
+    small = demo_eval.ground_truth_videos(pairs)
+    assert all(demo.foreground(c).sum() > 1.3 * demo.foreground(s).sum() for c, s in zip(clips, small))
+    got = demo.evaluate_videos(clips, refs, [p["direction"] for p in pairs], [p["subject"][0] for p in pairs])
+    assert got["identity_accuracy"] == 1.0 and got["motion_accuracy"] == 1.0

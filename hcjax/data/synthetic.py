@@ -96,14 +96,22 @@ def render(shape: str, texture: str, color, cx: float, cy: float, r: float, heig
 
 def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
               subject: tuple[str, str, str] | None = None, direction: str | None = None, travel: float = 1.0,
-              *, return_mask: bool = False):
+              *, return_mask: bool = False, radius: tuple[float, float] = (0.18, 0.26), rgb=None):
     """Frames ``uint8 [F, H, W, 3]``, reference image ``uint8 [H, W, 3]`` and metadata of one random clip (and with
     ``return_mask`` the subject's region ``uint8 [F, H, W, 3]``, 255 inside, 0 outside, as a 4th value).
     ``subject`` = ``(color, texture, shape)`` and ``direction`` fix those choices (the random draws are made either
     way, so other choices do not change). ``travel``: the fraction of the frame the subject crosses (1: edge to
-    edge; less: from a random start)."""
+    edge; less: from a random start). ``radius``: the range the subject's radius is drawn from, as a fraction of
+    the frame's shorter side. ``rgb``: paint the subject (video and reference) in this colour instead of its colour
+    name's (the name is still drawn and recorded; ``meta["rgb"]`` records the override). The defaults give the
+    clips this function always made."""
     if not 0.0 < travel <= 1.0:
         raise ValueError(f"travel must be in (0, 1], got {travel}")
+    lo, hi = radius
+    if not 0.0 < lo <= hi < 0.5:
+        raise ValueError(f"radius must be a range (lo, hi) with 0 < lo <= hi < 0.5 of the frame, got {radius}")
+    if rgb is not None and (len(rgb) != 3 or not all(0 <= int(c) <= 255 for c in rgb)):
+        raise ValueError(f"rgb must be three values in 0..255, got {rgb}")
     shape = SHAPES[rng.integers(len(SHAPES))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
@@ -111,7 +119,7 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
     if subject is not None:
         color, texture, shape = subject
     direction = direction or drawn
-    r = min(height, width) * rng.uniform(0.18, 0.26)
+    r = min(height, width) * rng.uniform(lo, hi)
     ux, uy = DIRECTIONS[direction]
     margin = r * 1.05
     cross = rng.uniform(0.35, 0.65)                     # random cross-axis offset
@@ -128,15 +136,17 @@ def make_clip(rng: np.random.Generator, frames: int, height: int, width: int,
         xs = np.full(frames, width * cross)
     yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
     background = np.repeat((gray + 20 * (yy / height - 0.5))[..., None], 3, axis=-1)
-    video = np.stack([render(shape, texture, COLORS[color], x, y, r, height, width, background)
-                      for x, y in zip(xs, ys)])
+    paint = COLORS[color] if rgb is None else tuple(int(c) for c in rgb)
+    video = np.stack([render(shape, texture, paint, x, y, r, height, width, background) for x, y in zip(xs, ys)])
     white = np.full((height, width, 3), 255, np.float32)
-    ref = render(shape, texture, COLORS[color], width / 2, height / 2, r, height, width, white)
+    ref = render(shape, texture, paint, width / 2, height / 2, r, height, width, white)
     name = f"{color} {texture} {shape}"
     meta = {
         "caption": f"the object moves {direction}",       # short: fits demo.yaml's text_len with the item name
         "item_name": name, "shape": shape, "texture": texture, "color": color, "motion": direction,
     }
+    if rgb is not None:
+        meta["rgb"] = list(paint)
     if not return_mask:
         return video, ref, meta
     mask = np.stack([subject_mask(shape, x, y, r, height, width) for x, y in zip(xs, ys)])

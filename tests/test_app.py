@@ -263,23 +263,26 @@ def _visible(locator):
     return locator.filter(visible=True).first
 
 
-def _upload(page, component: str, path, shown: str, shots: Path, tab: str = "Reference image", attempts: int = 3,
-            wait_ms: int = 60_000):
-    """Upload ``path`` through the file input of ``component`` (in ``tab``) and wait until ``shown`` (a selector)
-    appears; when it does not, screenshot the page into ``shots`` and upload again on a reloaded page.
+def _upload(page, component: str, path, shown: tuple[str, str], shots: Path, tab: str = "Reference image",
+            attempts: int = 3, wait_ms: int = 60_000):
+    """Upload ``path`` through the file input of ``component`` (in ``tab``) and wait until an element matching
+    ``shown[0]`` has ``shown[1]`` in its text; when none does, screenshot the page into ``shots`` and upload again
+    on a reloaded page.
 
-    In three full CI runs (-n 2, the other worker busy) the selector did not match within the wait (300 s once,
-    60 s twice), never with the file alone or beside CPU burners. The screenshot of the last one shows the upload
-    done, the name and size displayed: the page was fine and the selector missed the name it showed. A reloaded
-    page matched at once. Not understood yet; a wait on the component's innerText would avoid the selector."""
+    The wait reads the elements' ``innerText`` in the page (``wait_for_function``) instead of a ``:text()``
+    selector: in three full CI runs (-n 2) such a selector did not match within the wait although the screenshot of
+    the last one showed the upload done, the name and size displayed (never with the file alone or beside CPU
+    burners; a reloaded page matched at once)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    selector, text = shown
     for attempt in range(attempts):
         page.get_by_role("tab", name=tab).click()
         page.locator(component).wait_for(state="visible", timeout=300_000)
         page.locator(f"{component} input[type=file]").set_input_files(str(path), timeout=120_000)
         try:
-            page.wait_for_selector(shown, timeout=wait_ms)
+            page.wait_for_function("([sel, text]) => Array.from(document.querySelectorAll(sel))"
+                                   ".some((e) => e.innerText.includes(text))", arg=[selector, text], timeout=wait_ms)
             return
         except PlaywrightTimeout:
             page.screenshot(path=str(shots / f"upload_timeout_{attempt}.png"), full_page=True)
@@ -304,7 +307,7 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
     page.get_by_role("tab", name="Reference image").click()
 
     frames, fps, steps = 5, 8, 3
-    _upload(page, "#image-ref", ROOT / "assets/demo/subject_05.png", "#image-ref :text('subject_05.png')", shots)
+    _upload(page, "#image-ref", ROOT / "assets/demo/subject_05.png", ("#image-ref", "subject_05.png"), shots)
     _visible(page.get_by_label("Prompt", exact=True)).fill("the object moves to the right")
     for key, value in (("frames", frames), ("steps", steps), ("fps", fps)):
         page.locator(f"#image-{key} input").fill(str(value))
@@ -347,7 +350,7 @@ def test_browser_generate_shows_a_playable_video_of_the_right_length(server, pag
 @pytest.mark.slow
 def test_browser_corrupt_upload_gets_the_apps_message(server, page):
     bad = _corrupt_png(server["dir"] / "broken_subject.png")
-    _upload(page, "#image-ref", bad, "#image-status :text('broken_subject.png')", server["dir"])
+    _upload(page, "#image-ref", bad, ("#image-status", "broken_subject.png"), server["dir"])
     status = page.locator("#image-status")
     text = status.inner_text()
     assert "Reference image" in text and "cannot decode" in text and "Could not preprocess" not in text

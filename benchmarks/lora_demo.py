@@ -11,6 +11,8 @@ and merges the adapter (``hcjax.lora.for_sampling``). Tuning = clips + encoding 
 10-minute goal. Identity (``demo.descriptor`` / ``demo.distance``, as ``benchmarks/demo_eval.py``): a video shows the
 subject when its frames' median distance to the subject's reference is the smallest among the 24 held-out
 references. Evaluated on the eval prompt in each of the four directions x ``--seeds`` seeds, before and after.
+The clips and references follow the bundle's demo world (``demo.World``: subject size; references drawn at its
+``ref_radius`` into the workdir when it is not the committed one's).
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ from hcjax.pipeline import Request, generate  # noqa: E402
 BUNDLE = demo.DEMO_BUNDLE
 
 
-def subject_clips(out: Path, subject, n: int, seed: int = 0) -> Path:
-    """``n`` clips of one subject in the layout of :mod:`hcjax.data.synthetic` (mp4 + JSON + reference png)."""
+def subject_clips(out: Path, subject, n: int, seed: int = 0, world: demo.World = demo.World()) -> Path:
+    """``n`` clips of one subject in the layout of :mod:`hcjax.data.synthetic` (mp4 + JSON + reference png), its
+    size drawn as in ``world``."""
     out.mkdir(parents=True, exist_ok=True)
-    ref = demo.reference_image(subject)
+    ref = demo.reference_image(subject, radius=world.ref_radius)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         video, _, meta = synthetic.make_clip(rng, demo.FRAMES, demo.SIZE, demo.SIZE, subject=subject,
-                                             travel=demo.TRAVEL)
+                                             travel=demo.TRAVEL, radius=world.subject_radius)
         meta["caption"], meta["item_name"] = demo.caption(rng, meta["motion"])
         stem = f"clip_{i:04d}"
         Image.fromarray(ref).save(out / f"{stem}_ref.png")
@@ -58,14 +61,15 @@ def subject_clips(out: Path, subject, n: int, seed: int = 0) -> Path:
     return out
 
 
-def identity(models, index: int, seeds: int, steps: int | None = None) -> dict:
-    """Share of videos (4 directions x ``seeds``) of held-out subject ``index`` identified as that subject."""
-    refs = [demo.descriptor(read_image(demo.DEMO_DIR / f"subject_{i:02d}.png")) for i in range(len(demo.HELD_OUT))]
+def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: Path = demo.DEMO_DIR) -> dict:
+    """Share of videos (4 directions x ``seeds``) of held-out subject ``index`` identified as that subject
+    (references ``ref_dir/subject_NN.png``)."""
+    refs = [demo.descriptor(read_image(ref_dir / f"subject_{i:02d}.png")) for i in range(len(demo.HELD_OUT))]
     sc = models.cfg.sample
     hits, rows = [], []
     for s in range(seeds):
         for d in synthetic.DIRECTIONS:
-            req = Request(ref_image=str(demo.DEMO_DIR / f"subject_{index:02d}.png"),
+            req = Request(ref_image=str(ref_dir / f"subject_{index:02d}.png"),
                           pos_prompt=demo.EVAL_PROMPT.format(p=demo.PHRASES[d][1]), item_name="object",
                           video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
                           flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale, ip_cfg_scale=sc.ip_cfg_scale,
@@ -85,9 +89,13 @@ def run(args, print_fn=print) -> dict:
     subject = demo.HELD_OUT[index]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_demo_"))
     models = demo.load_demo(args.bundle)
-    print_fn(f"subject {index}: {demo.subject_name(subject)!r}; workdir {work}")
+    world, ref_dir = demo.World.load(args.bundle), demo.DEMO_DIR
+    if world.ref_radius != demo.REF_RADIUS:
+        ref_dir = work / "references"
+        demo.write_eval_references(ref_dir, world.ref_radius)
+    print_fn(f"subject {index}: {demo.subject_name(subject)!r}; workdir {work}; {world}")
     t0 = time.perf_counter()
-    before = identity(models, index, args.seeds, args.sample_steps)
+    before = identity(models, index, args.seeds, args.sample_steps, ref_dir)
     eval_s = time.perf_counter() - t0
     print_fn(f"before: identity {before['identity']:.1%} (per seed {before['per_seed']}; {eval_s:.0f}s)")
 
@@ -102,7 +110,7 @@ def run(args, print_fn=print) -> dict:
                              lora=lc, seed=args.seed, flow_shift=args.flow_shift)
     cfg = dataclasses.replace(cfg, train=tc).validate()
     t1 = time.perf_counter()
-    subject_clips(work / "raw", subject, args.clips, seed=args.seed)
+    subject_clips(work / "raw", subject, args.clips, seed=args.seed, world=world)
     t_clips = time.perf_counter() - t1
     encode.precompute(cfg, work / "raw", work / "cache",
                       text_encoders=load_text_encoders(bundle / "llava", bundle / "clip", cfg), overwrite=True)
@@ -113,7 +121,7 @@ def run(args, print_fn=print) -> dict:
     print_fn(f"tuned in {tune_s:.0f}s (clips {t_clips:.0f}s, encode {t_encode:.0f}s, train "
              f"{tune_s - t_clips - t_encode:.0f}s); adapter {adapter.stat().st_size / 2**20:.2f} MiB")
     models.dit = lora.for_sampling(models.dit, [adapter], [1.0])
-    after = identity(models, index, args.seeds, args.sample_steps)
+    after = identity(models, index, args.seeds, args.sample_steps, ref_dir)
     print_fn(f"after:  identity {after['identity']:.1%} (per seed {after['per_seed']})")
     report = {"subject": index, "name": demo.subject_name(subject), "before": before, "after": after,
               "tune_s": tune_s, "clips_s": t_clips, "encode_s": t_encode, "train_s": tune_s - t_clips - t_encode,

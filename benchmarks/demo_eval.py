@@ -124,12 +124,12 @@ def two_subject_report(models, two, refs, seed: int, seeds: int, steps) -> tuple
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
         start_sigmas=()) -> dict:
     """The report (see :func:`main`). The bundle's demo world (``demo.World.load``) sets the size of the reference
-    images it gets (the committed ``subject_NN.png`` in the default world, else drawn at its ``ref_radius`` into a
-    temporary directory) and of the generator's calibration clips."""
+    images it gets (the committed ``subject_NN.png`` when they have its ``ref_radius``, else drawn at that radius
+    into a temporary directory) and of the generator's calibration clips."""
     world = demo.World.load(bundle)
     with tempfile.TemporaryDirectory() as tmp:
         ref_dir = demo.DEMO_DIR
-        if world.ref_radius != demo.REF_RADIUS:
+        if world.ref_radius != demo.committed_ref_radius():
             ref_dir = Path(tmp) / "references"
             demo.write_eval_references(ref_dir, world.ref_radius)
         return _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir)

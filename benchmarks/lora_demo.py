@@ -12,7 +12,7 @@ and merges the adapter (``hcjax.lora.for_sampling``). Tuning = clips + encoding 
 subject when its frames' median distance to the subject's reference is the smallest among the 24 held-out
 references. Evaluated on the eval prompt in each of the four directions x ``--seeds`` seeds, before and after.
 The clips and references follow the bundle's demo world (``demo.World``: subject size; references drawn at its
-``ref_radius`` into the workdir when it is not the committed one's).
+``ref_radius`` into the workdir when the committed ones have another).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run(args, print_fn=print) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_demo_"))
     models = demo.load_demo(args.bundle)
     world, ref_dir = demo.World.load(args.bundle), demo.DEMO_DIR
-    if world.ref_radius != demo.REF_RADIUS:
+    if world.ref_radius != demo.committed_ref_radius():
         ref_dir = work / "references"
         demo.write_eval_references(ref_dir, world.ref_radius)
     print_fn(f"subject {index}: {demo.subject_name(subject)!r}; workdir {work}; {world}")

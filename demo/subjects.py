@@ -176,9 +176,15 @@ def seen_pairs(ref_dir: Path, n: int = 24, seed: int = 5, radius: float = REF_RA
     return pairs
 
 
-def write_eval_references(out: Path = DEMO_DIR, radius: float = REF_RADIUS) -> list[Path]:
-    """The held-out subjects' reference images ``subject_NN.png`` in ``out`` (committed in ``assets/demo`` at the
-    default radius)."""
+def committed_ref_radius() -> float:
+    """The radius of the committed references ``assets/demo/subject_NN.png``: the committed bundle's world's."""
+    return World.load(DEMO_BUNDLE).ref_radius
+
+
+def write_eval_references(out: Path = DEMO_DIR, radius: float | None = None) -> list[Path]:
+    """The held-out subjects' reference images ``subject_NN.png`` in ``out``, ``radius`` pixels (default:
+    :func:`committed_ref_radius`, as committed in ``assets/demo``)."""
+    radius = committed_ref_radius() if radius is None else radius
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -128,11 +128,7 @@ def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), prin
     into a temporary directory) and of the generator's calibration clips."""
     world = demo.World.load(bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        ref_dir = demo.DEMO_DIR
-        if world.ref_radius != demo.committed_ref_radius():
-            ref_dir = Path(tmp) / "references"
-            demo.write_eval_references(ref_dir, world.ref_radius)
-        return _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir)
+        return _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, demo.world_references(world, tmp))
 
 
 def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):

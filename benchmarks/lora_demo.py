@@ -89,10 +89,8 @@ def run(args, print_fn=print) -> dict:
     subject = demo.HELD_OUT[index]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_demo_"))
     models = demo.load_demo(args.bundle)
-    world, ref_dir = demo.World.load(args.bundle), demo.DEMO_DIR
-    if world.ref_radius != demo.committed_ref_radius():
-        ref_dir = work / "references"
-        demo.write_eval_references(ref_dir, world.ref_radius)
+    world = demo.World.load(args.bundle)
+    ref_dir = demo.world_references(world, work)
     print_fn(f"subject {index}: {demo.subject_name(subject)!r}; workdir {work}; {world}")
     t0 = time.perf_counter()
     before = identity(models, index, args.seeds, args.sample_steps, ref_dir)

@@ -13,7 +13,7 @@ from .evaluate import (centroid, components, descriptor, distance, evaluate_mult
 from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, EVAL_PROMPT, FRAMES, HELD_OUT, PHRASES, REF_RADIUS, SIZE,
                        SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, TWO_TEMPLATES, WORLD_FILE, World, caption,
                        caption_two, committed_ref_radius, eval_pairs, random_color, reference_image, seen_pairs,
-                       subject_name, two_subject_pairs, write_eval_references)
+                       subject_name, two_subject_pairs, world_references, write_eval_references)
 
 __all__ = [
     "DEMO_BUNDLE", "DEMO_CONFIG", "DEMO_DIR", "EVAL_PROMPT", "FRAMES", "HELD_OUT", "PHRASES", "REF_RADIUS", "SIZE",
@@ -21,5 +21,6 @@ __all__ = [
     "caption_two", "centroid", "committed_ref_radius", "components", "crop_start", "descriptor", "distance",
     "eval_pairs", "evaluate_multi", "evaluate_videos", "foreground", "generate_eval", "load_demo", "make_dataset",
     "make_llava_tokenizer", "make_text_towers", "pieces", "random_color", "reference_image", "seen_pairs",
-    "silhouette", "subject_name", "tokenizer_corpus", "two_subject_pairs", "write_eval_references",
+    "silhouette", "subject_name", "tokenizer_corpus", "two_subject_pairs", "world_references",
+    "write_eval_references",
 ]

@@ -181,6 +181,15 @@ def committed_ref_radius() -> float:
     return World.load(DEMO_BUNDLE).ref_radius
 
 
+def world_references(world: World, scratch: Path) -> Path:
+    """The directory of held-out references for a model of ``world``: the committed ``assets/demo`` when its
+    references have the world's radius, else ``scratch/references`` (written here)."""
+    if world.ref_radius == committed_ref_radius():
+        return DEMO_DIR
+    write_eval_references(Path(scratch) / "references", world.ref_radius)
+    return Path(scratch) / "references"
+
+
 def write_eval_references(out: Path = DEMO_DIR, radius: float | None = None) -> list[Path]:
     """The held-out subjects' reference images ``subject_NN.png`` in ``out``, ``radius`` pixels (default:
     :func:`committed_ref_radius`, as committed in ``assets/demo``)."""

@@ -3,6 +3,7 @@ themselves (checked on the synthetic generator's clips), the committed bundle, a
 
 from __future__ import annotations
 
+import colorsys
 import json
 import subprocess
 import sys
@@ -404,7 +405,8 @@ def test_demo_world_recorded_and_checked(tmp_path):
     for bad in ((0.3, 0.2), (0.0, 0.2), (0.2, 0.5)):
         with pytest.raises(ValueError, match="subject radius"):
             demo.World(bad)
-    demo.World().save((tmp_path / "run" / "data").mkdir(parents=True) or tmp_path / "run" / "data")
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    demo.World().save(tmp_path / "run" / "data")
     with pytest.raises(ValueError, match="another demo world"):
         demo.build(tmp_path / "run", tmp_path / "out", world=w)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"] and not (tmp_path / "out").exists()
@@ -425,7 +427,7 @@ def test_dataset_in_a_world_of_larger_randomly_coloured_subjects(tmp_path):
         rgb = tuple(m.pop("rgb"))
         assert m == p and rgb not in named
         colours.add(rgb)
-        hsv = np.asarray(__import__("colorsys").rgb_to_hsv(*(c / 255 for c in rgb)))
+        hsv = np.asarray(colorsys.rgb_to_hsv(*(c / 255 for c in rgb)))
         assert 0.6 <= hsv[1] <= 0.9 and 0.7 <= hsv[2] <= 0.95, rgb
         ref, ref0 = read_image(big / m["ref_image"]), read_image(plain / p["ref_image"])
         area, area0 = ((r != 255).any(-1).sum() for r in (ref, ref0))
@@ -435,9 +437,16 @@ def test_dataset_in_a_world_of_larger_randomly_coloured_subjects(tmp_path):
 
 
 def test_world_evaluation_references(tmp_path):
-    """demo_eval in a world of larger subjects: references drawn at the world's radius where eval_pairs looks, and
+    """demo_eval in a world of larger subjects: the committed references serve every world of their radius, another
+    radius gets its own drawn into scratch space; references drawn at the world's radius where eval_pairs looks, and
     the generator's own clips of that world score identity 100 % against them (the calibration still holds)."""
     w = demo.World.with_radius(0.25, 0.35)
+    assert demo.world_references(WORLD, tmp_path) == demo.DEMO_DIR and not (tmp_path / "references").exists()
+    ref_dir = demo.world_references(demo.World.with_radius(0.25, 0.35), tmp_path)      # the committed radius too
+    assert ref_dir == demo.DEMO_DIR
+    ref_dir = demo.world_references(demo.World(), tmp_path)                          # the previous world's
+    assert ref_dir == tmp_path / "references"
+    np.testing.assert_array_equal(read_image(ref_dir / "subject_00.png"), demo.reference_image(demo.HELD_OUT[0]))
     paths = demo.write_eval_references(tmp_path, w.ref_radius)
     pairs = demo.eval_pairs(tmp_path)
     assert [p["ref_image"] for p in pairs] == paths

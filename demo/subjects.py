@@ -53,8 +53,10 @@ class World:
     the subject's radius (fraction of the frame; :func:`hcjax.data.synthetic.make_clip`); ``ref_radius``: the
     radius (pixels at :data:`SIZE`) of the evaluation references; ``random_colors``: every training clip paints its
     subject (video and reference alike) in a random saturated colour (:func:`random_color`) instead of its colour
-    name's, so that no colour + texture of the training set names a shape. The defaults are the committed
-    bundle's world; two-subject clips keep their named colours (their captions name them)."""
+    name's, so that no colour + texture of the training set names a shape. The defaults are the previous bundle's
+    world (git 754943a), so a plain ``python -m demo build`` still makes its data bit for bit; the committed bundle
+    was built with ``--subject-radius 0.25 0.35 --random-colors`` (its ``demo.json``). Two-subject clips keep their
+    named colours (their captions name them)."""
 
     subject_radius: tuple[float, float] = (0.18, 0.26)
     ref_radius: float = REF_RADIUS

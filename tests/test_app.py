@@ -269,10 +269,11 @@ def _upload(page, component: str, path, shown: tuple[str, str], shots: Path, tab
     ``shown[0]`` has ``shown[1]`` in its text; when none does, screenshot the page into ``shots`` and upload again
     on a reloaded page.
 
-    The wait reads the elements' ``innerText`` in the page (``wait_for_function``) instead of a ``:text()``
-    selector: in three full CI runs (-n 2) such a selector did not match within the wait although the screenshot of
-    the last one showed the upload done, the name and size displayed (never with the file alone or beside CPU
-    burners; a reloaded page matched at once)."""
+    The upload counts as shown once the element's text, with all whitespace removed, holds the name and no
+    "Uploading" progress is left. Gradio's finished file row renders the name as two flex items (stem and extension),
+    so its ``innerText`` reads "subject_05", line break, ".png" (checked in chromium); only the transient
+    "Uploading 1 file..." view has it in one piece. A plain match passed when it caught that view and timed out in
+    CI now and then with the finished row on the screenshot."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     selector, text = shown
@@ -282,7 +283,9 @@ def _upload(page, component: str, path, shown: tuple[str, str], shots: Path, tab
         page.locator(f"{component} input[type=file]").set_input_files(str(path), timeout=120_000)
         try:
             page.wait_for_function("([sel, text]) => Array.from(document.querySelectorAll(sel))"
-                                   ".some((e) => e.innerText.includes(text))", arg=[selector, text], timeout=wait_ms)
+                                   ".some((e) => e.innerText.replace(/\\s+/g, '').includes(text)"
+                                   " && !e.innerText.includes('Uploading'))",
+                                   arg=[selector, re.sub(r"\s+", "", text)], timeout=wait_ms)
             return
         except PlaywrightTimeout:
             page.screenshot(path=str(shots / f"upload_timeout_{attempt}.png"), full_page=True)

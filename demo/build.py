@@ -11,7 +11,9 @@ Stages (each skipped when its output in ``RUN`` exists, so an interrupted build 
               run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer); or,
               with ``--vae DIR``, a VAE trained once before, copied and kept frozen;
 4. ``latents`` :func:`hcjax.data.encode.precompute` with that VAE and those text towers;
-5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents;
+5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents, then ``dit_finetune``: with
+              ``train.finetune_steps``, a second run from the first one's EMA params (a warm restart: fresh
+              optimizer and learning-rate schedule peaking at ``train.finetune_learning_rate``, same seed and data);
 6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
 """
 
@@ -215,6 +217,18 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
         cfg, data, cache, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
     _stage("dit", dit_run / "done", lambda: (training.train(cfg, dit_run, resume=True, print_fn=print_fn,
                                                              progress=False), (dit_run / "done").touch()), print_fn)
+    if cfg.train.finetune_steps:
+        first, dit_run = dit_run, workdir / "dit_finetune"
+        tc = cfg.train
+        fcfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            tc, init_from=str(dit_run / "init"), steps=tc.finetune_steps, learning_rate=tc.finetune_learning_rate,
+            finetune_steps=0))
+
+        def finetune():
+            export_training_params(first / "checkpoints", dit_run / "init", overwrite=True)   # same files on a rerun
+            training.train(fcfg, dit_run, resume=True, print_fn=print_fn, progress=False)
+            (dit_run / "done").touch()
+        _stage("dit_finetune", dit_run / "done", finetune, print_fn)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

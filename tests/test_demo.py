@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import colorsys
 import json
+import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 import demo
+from hcjax import dit
 from hcjax import models as M
-from hcjax.checkpoint import random_params
+from hcjax.checkpoint import TrainCheckpoints, export_training_params, load_params, random_params
 from hcjax.config import load_config
 from hcjax.data import synthetic
 from hcjax.media import read_image
@@ -459,3 +463,34 @@ def test_world_evaluation_references(tmp_path):
     assert all(demo.foreground(c).sum() > 1.3 * demo.foreground(s).sum() for c, s in zip(clips, small))
     got = demo.evaluate_videos(clips, refs, [p["direction"] for p in pairs], [p["subject"][0] for p in pairs])
     assert got["identity_accuracy"] == 1.0 and got["motion_accuracy"] == 1.0
+
+
+def test_build_end_to_end_with_a_dit_warm_restart(tmp_path):
+    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, and
+    ``train.finetune_steps``: the second DiT run starts from the first run's trained params (at a learning rate of
+    1e-9 its single step leaves them as they were, while they differ from the first run's seeded random init by
+    the first run's two steps) and the bundle is its output, with the build's world recorded."""
+    world = demo.World.with_radius(0.25, 0.35, random_colors=True)
+    sets = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.ema_decay=0", "train.save_every=1",
+            "train.log_every=1", "train.finetune_steps=1", "train.finetune_learning_rate=1e-9"]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")            # one device, as a user runs it
+    r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "out"), "--num-clips", "8", "--vae", str(M.DEMO_BUNDLE / "vae"),
+                        "--subject-radius", "0.25", "0.35", "--random-colors"]
+                       + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, log = tmp_path / "out", r.stdout.splitlines()
+    assert "[dit_finetune] ..." in log and demo.World.load(out) == world
+    assert sorted(p.name for p in out.iterdir()) == ["clip", "demo.json", "dit", "llava", "vae"]
+    ck = TrainCheckpoints(tmp_path / "run" / "dit_finetune" / "checkpoints", read_only=True)
+    assert ck.latest_step() == 1
+    ck.close()
+    first = load_params(export_training_params(tmp_path / "run" / "dit" / "checkpoints", tmp_path / "first"))
+    bundle = load_params(out / "dit")
+    cfg = load_config(demo.DEMO_CONFIG)
+    init = nn.unbox(dit.init_params(cfg.dit, jax.random.key(cfg.train.seed)))       # the first run's start
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree.leaves(first), jax.tree.leaves(bundle)))
+    trained = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                  zip(jax.tree.leaves(first), jax.tree.leaves(init)))
+    assert moved < 1e-6 < 1e-4 < trained, (moved, trained)

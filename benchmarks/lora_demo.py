@@ -135,7 +135,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=None, help="demo bundle (default assets/demo/model)")
     p.add_argument("--subject", type=int, default=8,
-                   help="index into demo.HELD_OUT (0..23; the demo model misses subject 8 at seed 0)")
+                   help="index into demo.HELD_OUT (0..23; default 8: one an earlier demo model missed)")
     p.add_argument("--clips", type=int, default=48)
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--rank", type=int, default=32)

@@ -30,8 +30,8 @@ PAIRS = demo.eval_pairs()
 WORLD = demo.World.load()              # the committed bundle's: its references and clips
 DIRS = [p["direction"] for p in PAIRS]
 COLORS = [p["subject"][0] for p in PAIRS]
-# Measured on the committed model (benchmarks/demo_eval.py, seed 0, 24 pairs): identity 20/24, colour 23/24,
-# motion 24/24, wrong-prompt motion 0/24, silhouette IoU 0.85. Thresholds: identity 6x chance (1/24), motion 3x
+# Measured on the committed model (benchmarks/demo_eval.py, seed 0, 24 pairs): identity 22/24, colour 24/24,
+# motion 24/24, wrong-prompt motion 0/24, silhouette IoU 0.88. Thresholds: identity 6x chance (1/24), motion 3x
 # chance (1/4), colour ~4.7x its chance (1/7 if colour were ignored); all well below what was measured.
 IDENTITY_MIN, COLOR_MIN, MOTION_MIN, IOU_MIN = 6 / 24, 16 / 24, 0.75, 0.7
 
@@ -477,7 +477,8 @@ def test_build_end_to_end_with_a_dit_warm_restart(tmp_path):
     r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
                         str(tmp_path / "out"), "--num-clips", "8", "--vae", str(M.DEMO_BUNDLE / "vae"),
                         "--subject-radius", "0.25", "0.35", "--random-colors"]
-                       + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+                       + [a for s in sets for a in ("--set", s)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out, log = tmp_path / "out", r.stdout.splitlines()
     assert "[dit_finetune] ..." in log and demo.World.load(out) == world

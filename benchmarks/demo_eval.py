@@ -51,11 +51,11 @@ def ground_truth_videos(pairs, seed: int = 12345, world: demo.World = demo.World
                                 radius=world.subject_radius)[0] for p in pairs]
 
 
-def two_subject_videos(pairs, seed: int = 12345) -> list[np.ndarray]:
-    """The generator's two-subject clips of the two-subject pairs (their subjects and directions, half travel)."""
-    return [synthetic.make_multi_clip(np.random.default_rng([seed, p["index"]]), demo.FRAMES, demo.SIZE, demo.SIZE,
-                                      2, picks=list(p["subjects"]), directions=list(p["directions"]),
-                                      travel=demo.TRAVEL)[0] for p in pairs]
+def two_subject_videos(pairs, seed: int = 12345, world: demo.World = demo.World()) -> list[np.ndarray]:
+    """The generator's two-subject clips of the two-subject pairs (their subjects and directions, half travel) in
+    ``world``'s two-subject layout."""
+    return [world.two_subject_clip(np.random.default_rng([seed, p["index"]]), picks=list(p["subjects"]),
+                                   directions=list(p["directions"]))[0] for p in pairs]
 
 
 def vae_roundtrip(models, videos) -> list[np.ndarray]:
@@ -80,6 +80,8 @@ def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
         rr = list(rr) + [np.full_like(rr[0], 255)] * (k - len(rr))
         rows.append(np.concatenate([x for r in rr for x in (r, gap)] + [gap] + [x for f in v[::2] for x in (f, gap)],
                                    axis=1))
+    width = max(r.shape[1] for r in rows)         # wider two-subject videos: the other rows padded with white
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     strip = np.concatenate([np.concatenate([row, np.full((4, row.shape[1], 3), 255, np.uint8)]) for row in rows])
     img = Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST)
     draw = ImageDraw.Draw(img)
@@ -87,8 +89,8 @@ def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
         draw.text((2 * (k * (demo.SIZE + 4) + 4) + 4, i * 2 * (demo.SIZE + 4) + 2), p["prompt"], fill=(0, 0, 0))
     paths = [out_dir / "demo_strip.png"]
     img.save(paths[0])
-    frames = [Image.fromarray(np.concatenate([v[t] for v in videos[:n]], axis=1)).resize(
-        (demo.SIZE * n * 2, demo.SIZE * 2), Image.NEAREST) for t in range(videos[0].shape[0])]
+    frames = [Image.fromarray(np.concatenate([v[t] for v in videos[:n]], axis=1)) for t in range(videos[0].shape[0])]
+    frames = [f.resize((f.width * 2, f.height * 2), Image.NEAREST) for f in frames]
     paths.append(out_dir / "demo.gif")
     frames[0].save(paths[1], save_all=True, append_images=frames[1:], duration=125, loop=0)
     return paths
@@ -106,15 +108,16 @@ HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_ac
             "silhouette_iou", "area_cv", "intact_frames", "components_per_frame")
 
 
-def two_subject_report(models, two, refs, seed: int, seeds: int, steps) -> tuple[dict, list[np.ndarray]]:
-    """The two-subject figures (per seed, their mean, and the generator / VAE calibrations) and the first seed's
-    videos."""
+def two_subject_report(models, two, refs, seed: int, seeds: int, steps,
+                       world: demo.World = demo.World()) -> tuple[dict, list[np.ndarray]]:
+    """The two-subject figures (per seed, their mean, and the generator / VAE calibrations in ``world``'s layout)
+    and the first seed's videos."""
     videos = demo.generate_eval(models, two, seed=seed, steps=steps)
     per_seed = [{"seed": seed, **_two_figures(demo.evaluate_multi(videos, refs, two))}]
     for i in range(1, seeds):
         got = demo.evaluate_multi(demo.generate_eval(models, two, seed=seed + SEED_STRIDE * i, steps=steps), refs, two)
         per_seed.append({"seed": seed + SEED_STRIDE * i, **_two_figures(got)})
-    clips = two_subject_videos(two)
+    clips = two_subject_videos(two, world=world)
     mean = {k: float(np.mean([p[k] for p in per_seed])) for k in TWO_HEADLINE}
     return {"per_seed": per_seed, "mean_over_seeds": mean,
             "ground_truth": _two_figures(demo.evaluate_multi(clips, refs, two)),
@@ -176,9 +179,9 @@ def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):
     report["generate_s"] = gen_s
     report["seed"] = seed
     # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
-    two = demo.two_subject_pairs(ref_dir=ref_dir)
+    two = [dict(p, video_size=world.two_subject_size) for p in demo.two_subject_pairs(ref_dir=ref_dir)]
     try:
-        report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps)
+        report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps, world)
     except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts
         if "LLaVA tokens exceed" not in str(e):
             raise

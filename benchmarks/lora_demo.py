@@ -1,7 +1,7 @@
 """LoRA-tune the demo model on one held-out subject's clips and measure that subject's identity before -> after.
 
     python benchmarks/lora_demo.py [--subject 8] [--clips 48] [--steps 1200] [--rank 32] [--lr 3e-3] [--seeds 3]
-                                   [--workdir DIR] [--json out.json]
+                                   [--eval-seed 0] [--workdir DIR] [--json out.json]
 
 The subject (``demo.HELD_OUT[--subject]``) never appears in the demo model's training data. The script writes
 ``--clips`` synthetic clips of it (random directions, captions and placements; reference image = the subject on
@@ -61,9 +61,10 @@ def subject_clips(out: Path, subject, n: int, seed: int = 0, world: demo.World =
     return out
 
 
-def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: Path = demo.DEMO_DIR) -> dict:
+def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: Path = demo.DEMO_DIR,
+             first_seed: int = 0) -> dict:
     """Share of videos (4 directions x ``seeds``) of held-out subject ``index`` identified as that subject
-    (references ``ref_dir/subject_NN.png``)."""
+    (references ``ref_dir/subject_NN.png``; sampling seeds ``first_seed + 1000 s + index``)."""
     refs = [demo.descriptor(read_image(ref_dir / f"subject_{i:02d}.png")) for i in range(len(demo.HELD_OUT))]
     sc = models.cfg.sample
     hits, rows = [], []
@@ -73,7 +74,7 @@ def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: 
                           pos_prompt=demo.EVAL_PROMPT.format(p=demo.PHRASES[d][1]), item_name="object",
                           video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
                           flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale, ip_cfg_scale=sc.ip_cfg_scale,
-                          seed=1000 * s + index, fps=sc.fps)
+                          seed=first_seed + 1000 * s + index, fps=sc.fps)
             frames = np.asarray(generate(models, req)[0])
             descs = [demo.descriptor(f) for f in frames]
             med = np.median([[demo.distance(fd, r) if fd is not None else np.inf for r in refs] for fd in descs], 0)
@@ -93,7 +94,7 @@ def run(args, print_fn=print) -> dict:
     ref_dir = demo.world_references(world, work)
     print_fn(f"subject {index}: {demo.subject_name(subject)!r}; workdir {work}; {world}")
     t0 = time.perf_counter()
-    before = identity(models, index, args.seeds, args.sample_steps, ref_dir)
+    before = identity(models, index, args.seeds, args.sample_steps, ref_dir, args.eval_seed)
     eval_s = time.perf_counter() - t0
     print_fn(f"before: identity {before['identity']:.1%} (per seed {before['per_seed']}; {eval_s:.0f}s)")
 
@@ -119,13 +120,13 @@ def run(args, print_fn=print) -> dict:
     print_fn(f"tuned in {tune_s:.0f}s (clips {t_clips:.0f}s, encode {t_encode:.0f}s, train "
              f"{tune_s - t_clips - t_encode:.0f}s); adapter {adapter.stat().st_size / 2**20:.2f} MiB")
     models.dit = lora.for_sampling(models.dit, [adapter], [1.0])
-    after = identity(models, index, args.seeds, args.sample_steps, ref_dir)
+    after = identity(models, index, args.seeds, args.sample_steps, ref_dir, args.eval_seed)
     print_fn(f"after:  identity {after['identity']:.1%} (per seed {after['per_seed']})")
     report = {"subject": index, "name": demo.subject_name(subject), "before": before, "after": after,
               "tune_s": tune_s, "clips_s": t_clips, "encode_s": t_encode, "train_s": tune_s - t_clips - t_encode,
               "final_loss": last.get("loss"), "adapter_bytes": adapter.stat().st_size,
               "settings": {k: getattr(args, k) for k in ("clips", "steps", "rank", "alpha", "lr", "batch", "seeds",
-                                                         "flow_shift")}}
+                                                         "eval_seed", "flow_shift")}}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report
@@ -147,6 +148,9 @@ def parse(argv=None):
                         "demo decides the subject's shape)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (x 4 directions)")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="first evaluation seed (seeds eval-seed + 1000 s + subject; choose settings on other seeds "
+                        "than the ones reported, e.g. 5000)")
     p.add_argument("--sample-steps", type=int, default=None, help="default: the bundle's sample.steps")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)

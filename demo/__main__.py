@@ -31,6 +31,14 @@ def main(argv=None) -> int:
                         "evaluation references are drawn at the middle of the range")
     b.add_argument("--random-colors", action="store_true",
                    help="single-subject clips paint their subject in a random saturated colour (video and reference)")
+    b.add_argument("--dit", default=None, metavar="DIR",
+                   help="a trained demo DiT taken as the DiT stages' result (e.g. assets/demo/model/dit); with "
+                        "train.two_subject_steps the two-subject stage continues from it")
+    b.add_argument("--two-subject-layout", choices=World.LAYOUTS, default="lanes",
+                   help="two-subject clips: 'lanes' (one square frame, half-size subjects; default) or 'cells' "
+                        "(twice as wide, one square cell per subject at the single-subject size)")
+    b.add_argument("--two-subject-clips", type=int, default=0, metavar="N",
+                   help="two-subject clips of the dit_two stage (run with --set train.two_subject_steps=STEPS)")
     b.add_argument("--set", action="append", default=[], metavar="A.B=V")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
@@ -39,10 +47,11 @@ def main(argv=None) -> int:
 
     def run():
         if args.cmd == "build":
-            world = (World.with_radius(*args.subject_radius, args.random_colors) if args.subject_radius
-                     else World(random_colors=args.random_colors))
+            two = {"two_subject_layout": args.two_subject_layout, "two_subject_clips": args.two_subject_clips}
+            world = (World.with_radius(*args.subject_radius, args.random_colors, **two) if args.subject_radius
+                     else World(random_colors=args.random_colors, **two))
             build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
-                  two_subject=args.two_subject, vae=args.vae, world=world, overrides=args.set,
+                  two_subject=args.two_subject, vae=args.vae, dit=args.dit, world=world, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
         else:
             print("\n".join(str(x) for x in write_eval_references(Path(args.out))))

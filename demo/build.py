@@ -14,6 +14,9 @@ Stages (each skipped when its output in ``RUN`` exists, so an interrupted build 
 5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents, then ``dit_finetune``: with
               ``train.finetune_steps``, a second run from the first one's EMA params (a warm restart: fresh
               optimizer and learning-rate schedule peaking at ``train.finetune_learning_rate``, same seed and data);
+              or, with ``--dit DIR``, a DiT trained before, copied; then ``data_two`` / ``latents_two`` /
+              ``dit_two`` with ``train.two_subject_steps``: the single-subject clips plus
+              ``World.two_subject_clips`` two-subject clips, encoded, and another warm restart on them;
 6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
 """
 
@@ -40,14 +43,14 @@ from hcjax.models import TINY_TOKENIZERS
 from hcjax.models.text import load_text_encoders
 
 from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL,
-                       TWO_TEMPLATES, World, caption, caption_two, random_color)
+                       TWO_TEMPLATES, WORLD_FILE, World, caption, caption_two, random_color)
 
 
 def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 0.0, world: World = World()) -> Path:
     """Training clips of :data:`TRAIN_SUBJECTS` only, with varied captions (layout of :mod:`hcjax.data.synthetic`).
     ``two_subject``: that share of the clips (every clip whose own draw falls below it) shows two training
-    subjects of different colours and shapes (:func:`hcjax.data.synthetic.make_multi_clip` in half-lane travel,
-    captions :func:`demo.subjects.caption_two`); 0 writes exactly the single-subject dataset it always did.
+    subjects of different colours and shapes (:meth:`demo.subjects.World.two_subject_clip`, captions
+    :func:`demo.subjects.caption_two`); 0 writes exactly the single-subject dataset it always did.
     ``world``: the single-subject clips' subject radius and colours (:class:`demo.subjects.World`; a random colour
     comes from its clip's own seed); recorded as ``out/demo.json``."""
     tmp = out.with_name(out.name + ".partial")
@@ -56,29 +59,49 @@ def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 
     for i in range(num_clips):
         stem = f"clip_{i:04d}"
         if two_subject and np.random.default_rng([seed, i, 2]).uniform() < two_subject:
-            rng = np.random.default_rng([seed, i, 2, 1])
-            while True:
-                a, b = (TRAIN_SUBJECTS[j] for j in rng.choice(len(TRAIN_SUBJECTS), 2, replace=False))
-                if a[0] != b[0] and a[2] != b[2]:
-                    break
-            video, refs, meta, _ = synthetic.make_multi_clip(rng, FRAMES, SIZE, SIZE, 2, picks=[a, b],
-                                                            travel=TRAVEL)
-            meta["caption"], meta["item_names"] = caption_two(rng, [a[0], b[0]],
-                                                              [sb["motion"] for sb in meta["subjects"]])
-            meta["ref_images"] = [f"{stem}_ref{k}.png" for k in range(2)]
-            for name, im in zip(meta["ref_images"], refs):
-                Image.fromarray(im).save(tmp / name)
-        else:
-            rng = np.random.default_rng([seed, i])
-            subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
-            rgb = random_color(np.random.default_rng([seed, i, 3])) if world.random_colors else None
-            video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL,
-                                                   radius=world.subject_radius, rgb=rgb)
-            meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
-            Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
-            meta["ref_image"] = f"{stem}_ref.png"
+            _write_two_subject_clip(tmp, stem, np.random.default_rng([seed, i, 2, 1]), world)
+            continue
+        rng = np.random.default_rng([seed, i])
+        subject = TRAIN_SUBJECTS[rng.integers(len(TRAIN_SUBJECTS))]
+        rgb = random_color(np.random.default_rng([seed, i, 3])) if world.random_colors else None
+        video, ref, meta = synthetic.make_clip(rng, FRAMES, SIZE, SIZE, subject=subject, travel=TRAVEL,
+                                               radius=world.subject_radius, rgb=rgb)
+        meta["caption"], meta["item_name"] = caption(rng, meta["motion"])
+        Image.fromarray(ref).save(tmp / f"{stem}_ref.png")
+        meta["ref_image"] = f"{stem}_ref.png"
         write_video(tmp / f"{stem}.mp4", video, fps=8, crf=12)
         (tmp / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    world.save(tmp)
+    tmp.replace(out)
+    return out
+
+
+def _write_two_subject_clip(out: Path, stem: str, rng: np.random.Generator, world: World) -> None:
+    """Two training subjects of different colours and shapes (``world``'s layout), caption and references."""
+    while True:
+        a, b = (TRAIN_SUBJECTS[j] for j in rng.choice(len(TRAIN_SUBJECTS), 2, replace=False))
+        if a[0] != b[0] and a[2] != b[2]:
+            break
+    video, refs, meta, _ = world.two_subject_clip(rng, picks=[a, b])
+    meta["caption"], meta["item_names"] = caption_two(rng, [a[0], b[0]], [sb["motion"] for sb in meta["subjects"]])
+    meta["ref_images"] = [f"{stem}_ref{k}.png" for k in range(2)]
+    for name, im in zip(meta["ref_images"], refs):
+        Image.fromarray(im).save(out / name)
+    write_video(out / f"{stem}.mp4", video, fps=8, crf=12)
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+
+
+def make_two_subject_data(out: Path, single: Path, world: World, seed: int = 1) -> Path:
+    """The ``dit_two`` stage's clips: every clip of the dataset ``single`` (linked, not copied) and
+    ``world.two_subject_clips`` new two-subject clips ``two_NNNN`` of training subjects in ``world``'s layout."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(Path(single).iterdir()):
+        if f.name != WORLD_FILE:
+            (tmp / f.name).symlink_to(f.absolute())
+    for i in range(world.two_subject_clips):
+        _write_two_subject_clip(tmp, f"two_{i:04d}", np.random.default_rng([seed, i, 2]), world)
     world.save(tmp)
     tmp.replace(out)
     return out
@@ -157,6 +180,17 @@ def make_text_towers(cfg: Config, out: Path, seed: int = 7, two_subject: bool = 
     return out / "llava", out / "clip"
 
 
+def _warm_restart(cfg: Config, first: Path, run: Path, print_fn) -> None:
+    """Train ``cfg`` in ``run`` from the params of the run (or copied DiT) ``first``: exported into ``run/init``
+    (``cfg.train.init_from``) first, the same files again on a rerun."""
+    if (first / "params").is_dir():
+        shutil.copytree(first / "params", run / "init", dirs_exist_ok=True)
+    else:
+        export_training_params(first / "checkpoints", run / "init", overwrite=True)
+    training.train(cfg, run, resume=True, print_fn=print_fn, progress=False)
+    (run / "done").touch()
+
+
 def _stage(name: str, done: Path, fn, print_fn) -> None:
     if done.exists():
         print_fn(f"[{name}] exists: {done}")
@@ -168,14 +202,16 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
 
 
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
-          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None, world: World = World(),
-          overrides=(), overwrite: bool = False, print_fn=print) -> Path:
+          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None,
+          dit: str | Path | None = None, world: World = World(), overrides=(), overwrite: bool = False,
+          print_fn=print) -> Path:
     """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
     of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too). ``vae``:
     a trained demo VAE (an hcjax checkpoint directory, e.g. a bundle's ``vae/``) used frozen instead of the VAE
     stages (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
-    bundle it comes from). ``world``: how the clips draw their subjects (:class:`demo.subjects.World`), written
-    into the bundle as ``demo.json`` for the evaluation."""
+    bundle it comes from). ``dit``: likewise a trained demo DiT taken as the result of the ``dit`` and
+    ``dit_finetune`` stages (the ``dit_two`` stage then starts from it). ``world``: how the clips draw their
+    subjects (:class:`demo.subjects.World`), written into the bundle as ``demo.json`` for the evaluation."""
     if not 0.0 <= two_subject < 1.0:
         raise ValueError(f"two_subject must be in [0, 1), got {two_subject}")
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
@@ -189,6 +225,10 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
         given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint
         if dataclasses.replace(given, scaling_factor=cfg.vae.scaling_factor) != cfg.vae:
             raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section")
+    if dit is not None and load_checkpoint_config(dit).dit != cfg.dit:
+        raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section")
+    if cfg.train.two_subject_steps and not world.two_subject_clips:
+        raise ValueError("train.two_subject_steps needs two-subject clips (--two-subject-clips N)")
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))
@@ -213,26 +253,38 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
                              clip_dir=str(text / "clip"), path=str(cache))
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale),
                               train=dataclasses.replace(cfg.train, data=dc)).validate()
-    _stage("latents", cache, lambda: encode.precompute(
-        cfg, data, cache, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
-    _stage("dit", dit_run / "done", lambda: (training.train(cfg, dit_run, resume=True, print_fn=print_fn,
-                                                             progress=False), (dit_run / "done").touch()), print_fn)
-    if cfg.train.finetune_steps:
+    if dit is None:
+        _stage("latents", cache, lambda: encode.precompute(
+            cfg, data, cache, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
+    tc = cfg.train
+    if dit is not None:         # trained before: the DiT stages' result
+        _stage("dit", dit_run / "params", lambda: shutil.copytree(dit, dit_run / "params"), print_fn)
+    else:
+        _stage("dit", dit_run / "done", lambda: (training.train(cfg, dit_run, resume=True, print_fn=print_fn,
+                                                                 progress=False), (dit_run / "done").touch()), print_fn)
+    if tc.finetune_steps and dit is None:
         first, dit_run = dit_run, workdir / "dit_finetune"
-        tc = cfg.train
         fcfg = dataclasses.replace(cfg, train=dataclasses.replace(
             tc, init_from=str(dit_run / "init"), steps=tc.finetune_steps, learning_rate=tc.finetune_learning_rate,
             finetune_steps=0))
-
-        def finetune():
-            export_training_params(first / "checkpoints", dit_run / "init", overwrite=True)   # same files on a rerun
-            training.train(fcfg, dit_run, resume=True, print_fn=print_fn, progress=False)
-            (dit_run / "done").touch()
-        _stage("dit_finetune", dit_run / "done", finetune, print_fn)
+        _stage("dit_finetune", dit_run / "done", lambda: _warm_restart(fcfg, first, dit_run, print_fn), print_fn)
+    if tc.two_subject_steps:    # single + two-subject clips, from the DiT so far (a warm restart)
+        first, dit_run = dit_run, workdir / "dit_two"
+        data_two, cache_two = workdir / "data_two", workdir / "latents_two"
+        _stage("data_two", data_two, lambda: make_two_subject_data(data_two, data, world), print_fn)
+        tcfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            tc, init_from=str(dit_run / "init"), steps=tc.two_subject_steps, learning_rate=tc.finetune_learning_rate,
+            finetune_steps=0, two_subject_steps=0, data=dataclasses.replace(dc, path=str(cache_two))))
+        _stage("latents_two", cache_two, lambda: encode.precompute(
+            tcfg, data_two, cache_two, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
+        _stage("dit_two", dit_run / "done", lambda: _warm_restart(tcfg, first, dit_run, print_fn), print_fn)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_training_params(dit_run / "checkpoints", tmp / "dit")
+    if (dit_run / "params").is_dir():
+        shutil.copytree(dit_run / "params", tmp / "dit")
+    else:
+        export_training_params(dit_run / "checkpoints", tmp / "dit")
     shutil.copytree(vae_run / "params", tmp / "vae")
     shutil.copytree(text / "llava", tmp / "llava")
     shutil.copytree(text / "clip", tmp / "clip")

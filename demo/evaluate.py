@@ -172,7 +172,7 @@ def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None
                   start_videos=None, start_sigma: float = 1.0) -> list[np.ndarray]:
     """One video per evaluation pair with the bundle's sampling defaults (``cfg.sample``) and ``seed + index``.
     A pair with ``"ref_images"`` / ``"item_names"`` (:func:`demo.subjects.two_subject_pairs`) is sampled with all
-    its references.
+    its references; a pair's ``"video_size"`` (height, width) replaces the bundle's.
 
     ``start_videos`` (uint8 ``[F, H, W, 3]`` per pair; a diagnostic): each sample starts from that video's latents
     (VAE posterior mean) noised to ``start_sigma`` instead of from pure noise (:func:`hcjax.pipeline.generate`)."""
@@ -189,7 +189,7 @@ def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None
         multi = "ref_images" in p
         req = Request(ref_image=[str(r) for r in p["ref_images"]] if multi else str(p["ref_image"]),
                       pos_prompt=p["prompt"], item_name=list(p["item_names"]) if multi else "object",
-                      video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
+                      video_size=tuple(p.get("video_size", sc.video_size)), frames=sc.frames, steps=steps or sc.steps,
                       flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale,
                       ip_cfg_scale=sc.ip_cfg_scale, seed=seed + p["index"], fps=sc.fps)
         frames, _ = generate(models, req, init=init)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ TEMPLATES = ("the object moves {p}", "an object moves {p} across a gray backgrou
              "an object, moving {p}")
 EVAL_PROMPT = "the object moves {p}"
 FRAMES, SIZE, REF_RADIUS = 9, 64, 14.0
+TWO_SIZE = (SIZE, 2 * SIZE)     # two-subject clips of the "cells" layout: one SIZE x SIZE cell per subject
 TRAVEL = 0.5       # the subject crosses half the frame in a clip (less motion per 4-frame latent for the VAE)
 
 
@@ -56,11 +58,21 @@ class World:
     name's, so that no colour + texture of the training set names a shape. The defaults are the previous bundle's
     world (git 754943a), so a plain ``python -m demo build`` still makes its data bit for bit; the committed bundle
     was built with ``--subject-radius 0.25 0.35 --random-colors`` (its ``demo.json``). Two-subject clips keep their
-    named colours (their captions name them)."""
+    named colours (their captions name them).
+
+    ``two_subject_layout``: ``"lanes"`` (default): two-subject clips are :data:`SIZE` square, the subjects crossing
+    two half-frame lanes (radius 10-13 pixels); ``"cells"``: they are :data:`TWO_SIZE` (twice as wide), each
+    subject moving in its own :data:`SIZE` square cell at ``subject_radius`` (as large as a single subject), and the
+    two-subject evaluation samples at that size. ``two_subject_clips``: how many such clips the build's
+    ``dit_two`` stage adds to the single-subject clips (with ``train.two_subject_steps``)."""
 
     subject_radius: tuple[float, float] = (0.18, 0.26)
     ref_radius: float = REF_RADIUS
     random_colors: bool = False
+    two_subject_layout: str = "lanes"
+    two_subject_clips: int = 0
+
+    LAYOUTS: typing.ClassVar[tuple[str, ...]] = ("lanes", "cells")
 
     def __post_init__(self):
         lo, hi = self.subject_radius
@@ -68,12 +80,27 @@ class World:
             raise ValueError(f"subject radius must be 0 < lo <= hi < 0.5 of the frame, got {self.subject_radius}")
         if not 2.0 <= self.ref_radius < SIZE / 2:
             raise ValueError(f"reference radius must be in [2, {SIZE // 2}) pixels, got {self.ref_radius}")
+        if self.two_subject_layout not in self.LAYOUTS:
+            raise ValueError(f"two-subject layout must be one of {self.LAYOUTS}, got {self.two_subject_layout!r}")
+        if self.two_subject_clips < 0:
+            raise ValueError(f"two-subject clips must be >= 0, got {self.two_subject_clips}")
 
     @classmethod
-    def with_radius(cls, lo: float, hi: float, random_colors: bool = False) -> "World":
+    def with_radius(cls, lo: float, hi: float, random_colors: bool = False, **kw) -> "World":
         """Subjects of radius ``lo..hi`` (fraction of the frame), evaluation references at the middle of that
         range (rounded to a pixel)."""
-        return cls((lo, hi), float(round(SIZE * (lo + hi) / 2)), random_colors)
+        return cls((lo, hi), float(round(SIZE * (lo + hi) / 2)), random_colors, **kw)
+
+    @property
+    def two_subject_size(self) -> tuple[int, int]:
+        """``(height, width)`` of this world's two-subject clips and two-subject evaluation videos."""
+        return TWO_SIZE if self.two_subject_layout == "cells" else (SIZE, SIZE)
+
+    def two_subject_clip(self, rng: np.random.Generator, picks=None, directions=None):
+        """A two-subject clip of this world (:func:`hcjax.data.synthetic.make_multi_clip`, half-lane travel)."""
+        cells = self.two_subject_layout == "cells"
+        return synthetic.make_multi_clip(rng, FRAMES, *self.two_subject_size, 2, picks=picks, directions=directions,
+                                         travel=TRAVEL, cells=cells, radius=self.subject_radius if cells else None)
 
     def save(self, bundle: Path) -> Path:
         path = Path(bundle) / WORLD_FILE
@@ -89,7 +116,8 @@ class World:
             return cls()
         try:
             data = json.loads(path.read_text())
-            return cls(tuple(data["subject_radius"]), float(data["ref_radius"]), bool(data["random_colors"]))
+            return cls(tuple(data["subject_radius"]), float(data["ref_radius"]), bool(data["random_colors"]),
+                       str(data.get("two_subject_layout", "lanes")), int(data.get("two_subject_clips", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a demo world ({e})") from None
 

@@ -106,6 +106,23 @@ def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
     assert r["silhouette_iou"] >= IOU_MIN
 
 
+def test_longer_text_length_only_adds_masked_padding():
+    """The demo's llava.text_len is 64 so that two-subject prompts fit; the extra positions are padding the text
+    mask hides from the refiner and the DiT: a single-subject sample at text_len 64 equals the one at 32 (to one
+    uint8 level of float rounding), and the two-subject prompts that 32 refuses are encoded at 64."""
+    p = PAIRS[3]
+    frames = {}
+    for n in (32, 64):
+        models = demo.load_demo(overrides=[f"llava.text_len={n}"])
+        frames[n] = np.asarray(demo.generate_eval(models, [p], seed=3, steps=4)[0]).astype(np.int16)
+    diff = np.abs(frames[32] - frames[64])
+    assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    two = dict(TWO[4], video_size=(64, 128))           # the longest two-subject prompt: 142 tokens
+    with pytest.raises(ValueError, match="prompt too long"):
+        demo.generate_eval(demo.load_demo(overrides=["llava.text_len=32"]), [two], steps=1)
+    assert demo.generate_eval(models, [two], steps=1)[0].shape == (9, 64, 128, 3)
+
+
 def test_sampling_from_noised_clips(refs):
     """The start-sigma diagnostic (demo_eval --start-sigma): from sigma 1 it is exactly the plain generation; from
     the last step's sigma the result is the clip through the VAE, so identity rises to the VAE's level (VAE round
@@ -362,6 +379,32 @@ def test_multi_clip_choices_keep_the_other_draws():
         synthetic.make_multi_clip(rng(), 9, 64, 64, 2, directions=["left", "up"])
 
 
+def test_multi_clip_cells_layout():
+    """cells=True: a frame twice as wide holds one square cell per subject; each subject stays inside its own cell
+    in every frame, moves in its own direction (any of the four, unlike the lanes' one axis), at the given radius;
+    the subjects are those the default layout draws from the same seed."""
+    rng = lambda: np.random.default_rng([7, 3])                              # noqa: E731
+    lanes = synthetic.make_multi_clip(rng(), 9, 64, 128, 2)[2]
+    video, refs_, meta, mask = synthetic.make_multi_clip(rng(), 9, 64, 128, 2, cells=True, radius=(0.1, 0.12),
+                                                         directions=["left", "up"], travel=0.5)
+    assert video.shape == (9, 64, 128, 3) and refs_.shape == (2, 64, 128, 3)
+    strip = lambda s: {k: v for k, v in s.items() if k != "motion"}          # noqa: E731
+    assert [strip(s) for s in meta["subjects"]] == [strip(s) for s in lanes["subjects"]]
+    assert [s["motion"] for s in meta["subjects"]] == ["left", "up"]
+    m = mask[..., 0] > 0
+    assert [len(demo.pieces(f)) for f in m] == [2] * 9                  # two separate subjects in every frame
+    assert not m[:, :, 63:65].any()                                     # none crosses the cell border
+    for k, (axis, sign) in enumerate([(1, -1), (0, -1)]):              # left: x falls; up: y falls
+        cell = m[:, :, 64 * k: 64 * (k + 1)]
+        assert [len(demo.pieces(f)) for f in cell] == [1] * 9           # one subject per cell in every frame
+        ys, xs = np.nonzero(cell[0])
+        assert max(np.ptp(ys), np.ptp(xs)) <= 2 * 0.12 * 64 + 2         # radius 0.1-0.12 of the 64-pixel cell
+        c = [np.argwhere(f).mean(0)[axis] for f in cell[[0, -1]]]
+        assert sign * (c[1] - c[0]) > 3, (k, c)
+    with pytest.raises(ValueError, match="need 2 motions, got"):
+        synthetic.make_multi_clip(rng(), 9, 64, 128, 2, cells=True, directions=["left", "sideways"])
+
+
 def test_dataset_with_two_subject_clips(tmp_path):
     """make_dataset(two_subject=F): about that share of two-subject clips of training subjects only (distinct
     colours and shapes, captions naming each colour with its motion), one reference each; the single-subject
@@ -409,6 +452,21 @@ def test_demo_world_recorded_and_checked(tmp_path):
     for bad in ((0.3, 0.2), (0.0, 0.2), (0.2, 0.5)):
         with pytest.raises(ValueError, match="subject radius"):
             demo.World(bad)
+    cells = demo.World.with_radius(0.25, 0.35, two_subject_layout="cells", two_subject_clips=5)
+    (tmp_path / "cells").mkdir()
+    assert demo.World.load(cells.save(tmp_path / "cells").parent) == cells and cells.two_subject_size == (64, 128)
+    old = {"subject_radius": [0.25, 0.35], "ref_radius": 19.0, "random_colors": True}     # written before the fields
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / demo.WORLD_FILE).write_text(json.dumps(old))
+    assert demo.World.load(tmp_path / "old") == demo.World.with_radius(0.25, 0.35, True)
+    assert demo.World().two_subject_size == (64, 64)
+    with pytest.raises(ValueError, match="two-subject layout must be one of"):
+        demo.World(two_subject_layout="grid")
+    with pytest.raises(ValueError, match="needs two-subject clips"):
+        demo.build(tmp_path / "run2", tmp_path / "out", overrides=["train.two_subject_steps=5"])
+    with pytest.raises(ValueError, match="--dit .*architecture differs"):
+        demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit", overrides=["dit.mlp_width_ratio=2.0"])
+    assert not (tmp_path / "run2").exists()
     (tmp_path / "run" / "data").mkdir(parents=True)
     demo.World().save(tmp_path / "run" / "data")
     with pytest.raises(ValueError, match="another demo world"):
@@ -465,27 +523,35 @@ def test_world_evaluation_references(tmp_path):
     assert got["identity_accuracy"] == 1.0 and got["motion_accuracy"] == 1.0
 
 
-def test_build_end_to_end_with_a_dit_warm_restart(tmp_path):
-    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, and
-    ``train.finetune_steps``: the second DiT run starts from the first run's trained params (at a learning rate of
-    1e-9 its single step leaves them as they were, while they differ from the first run's seeded random init by
-    the first run's two steps) and the bundle is its output, with the build's world recorded."""
-    world = demo.World.with_radius(0.25, 0.35, random_colors=True)
+def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
+    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, with
+    ``train.finetune_steps`` and the two-subject stage (``--two-subject-layout cells --two-subject-clips 4``,
+    ``train.two_subject_steps``): each later DiT run starts from the one before (at a learning rate of 1e-9 their
+    steps leave the params as they were, while they differ from the first run's seeded random init by the first
+    run's two steps), the two-subject stage trains on the single clips plus 64x128 two-reference clips, and the
+    bundle is its output, with the build's world recorded."""
+    world = demo.World.with_radius(0.25, 0.35, random_colors=True, two_subject_layout="cells", two_subject_clips=4)
     sets = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.ema_decay=0", "train.save_every=1",
-            "train.log_every=1", "train.finetune_steps=1", "train.finetune_learning_rate=1e-9"]
+            "train.log_every=1", "train.finetune_steps=1", "train.finetune_learning_rate=1e-9",
+            "train.two_subject_steps=6"]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")            # one device, as a user runs it
     r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
                         str(tmp_path / "out"), "--num-clips", "8", "--vae", str(M.DEMO_BUNDLE / "vae"),
-                        "--subject-radius", "0.25", "0.35", "--random-colors"]
+                        "--subject-radius", "0.25", "0.35", "--random-colors", "--two-subject-layout", "cells",
+                        "--two-subject-clips", "4"]
                        + [a for s in sets for a in ("--set", s)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out, log = tmp_path / "out", r.stdout.splitlines()
-    assert "[dit_finetune] ..." in log and demo.World.load(out) == world
+    assert "[dit_finetune] ..." in log and "[dit_two] ..." in log and demo.World.load(out) == world
     assert sorted(p.name for p in out.iterdir()) == ["clip", "demo.json", "dit", "llava", "vae"]
-    ck = TrainCheckpoints(tmp_path / "run" / "dit_finetune" / "checkpoints", read_only=True)
-    assert ck.latest_step() == 1
-    ck.close()
+    for stage, steps in (("dit_finetune", 1), ("dit_two", 6)):
+        ck = TrainCheckpoints(tmp_path / "run" / stage / "checkpoints", read_only=True)
+        assert ck.latest_step() == steps
+        ck.close()
+    index = json.loads((tmp_path / "run" / "latents_two" / "index.json").read_text())
+    kinds = sorted((tuple(e["bucket"]), e["subjects"]) for e in index["clips"])
+    assert kinds == [((64, 64), 1)] * 8 + [((64, 128), 2)] * 4, kinds       # 6 steps of batch 2: one epoch, both
     first = load_params(export_training_params(tmp_path / "run" / "dit" / "checkpoints", tmp_path / "first"))
     bundle = load_params(out / "dit")
     cfg = load_config(demo.DEMO_CONFIG)

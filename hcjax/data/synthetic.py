@@ -157,7 +157,8 @@ MAX_SUBJECTS = 4
 
 
 def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: int, subjects: int = 2, *,
-                    picks=None, directions=None, travel: float = 1.0):
+                    picks=None, directions=None, travel: float = 1.0, cells: bool = False,
+                    radius: tuple[float, float] | None = None):
     """A clip of ``subjects`` (K >= 2) subjects: frames ``uint8 [F, H, W, 3]``, K reference images ``uint8 [K, H,
     W, 3]`` (each subject centred on white), metadata, and the subjects' region ``uint8 [F, H, W, 3]`` (255 inside).
 
@@ -166,7 +167,13 @@ def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: i
     subjects never overlap. Colours and shapes differ between the subjects. ``picks`` (K ``(color, texture,
     shape)``, distinct colours) and ``directions`` (K motions on one axis) fix those choices; the random draws are
     made either way, so the other choices do not change. ``travel`` < 1: each subject crosses that fraction of its
-    lane from a random start (as :func:`make_clip`; 1 keeps the clips exactly as before)."""
+    lane from a random start (as :func:`make_clip`; 1 keeps the clips exactly as before).
+
+    ``cells``: the lanes are always the K columns of the frame (cells of ``height x width / K``; e.g. a frame K times
+    as wide as it is high holds K square cells) and each subject moves in its own cell in any of the four
+    directions (``directions``: any K), with radius ``radius`` (fraction of the cell's shorter side, default
+    ``(0.3, 0.4)``) as :func:`make_clip` draws it in a whole frame; the default layout's draws come first, so
+    ``picks`` choose the same subjects in both layouts."""
     if not 2 <= subjects <= MAX_SUBJECTS:
         raise ValueError(f"subjects must be 2..{MAX_SUBJECTS} for a multi-subject clip, got {subjects}")
     if not 0.0 < travel <= 1.0:
@@ -180,13 +187,20 @@ def make_multi_clip(rng: np.random.Generator, frames: int, height: int, width: i
         if len(picks) != subjects or len({c for c, _, _ in picks}) != subjects:
             raise ValueError(f"picks: need {subjects} (color, texture, shape) of distinct colours, got {picks}")
         colors, textures, shapes = (list(x) for x in zip(*picks))
+    if cells:
+        rows = False
+        motions = [list(DIRECTIONS)[j] for j in rng.integers(len(DIRECTIONS), size=subjects)]
     if directions is not None:
         axes = {d in ("left", "right") for d in directions}
-        if len(directions) != subjects or len(axes) != 1 or not set(directions) <= set(DIRECTIONS):
-            raise ValueError(f"directions: need {subjects} motions on one axis, got {directions}")
-        motions, rows = list(directions), axes.pop()
+        if len(directions) != subjects or (len(axes) != 1 and not cells) or not set(directions) <= set(DIRECTIONS):
+            raise ValueError(f"directions: need {subjects} motions{'' if cells else ' on one axis'}, got {directions}")
+        motions, rows = list(directions), (False if cells else axes.pop())
     lane = (height if rows else width) / subjects
-    r = min(lane * rng.uniform(0.3, 0.4), min(height, width) * 0.26)
+    if cells:
+        lo, hi = (0.3, 0.4) if radius is None else radius
+        r = min(lane, height) * rng.uniform(lo, hi)
+    else:
+        r = min(lane * rng.uniform(0.3, 0.4), min(height, width) * 0.26)
     gray = rng.uniform(110, 150)
     yy = np.mgrid[0:height, 0:width][0].astype(np.float32)
     background = np.repeat((gray + 20 * (yy / height - 0.5))[..., None], 3, axis=-1)

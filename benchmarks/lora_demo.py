@@ -1,7 +1,7 @@
 """LoRA-tune the demo model on one held-out subject's clips and measure that subject's identity before -> after.
 
-    python benchmarks/lora_demo.py [--subject 8] [--clips 48] [--steps 1200] [--rank 32] [--lr 3e-3] [--seeds 3]
-                                   [--eval-seed 0] [--workdir DIR] [--json out.json]
+    python benchmarks/lora_demo.py [--subject 8] [--clips 48] [--steps 2000] [--rank 32] [--lr 3e-3] [--flow-shift 3]
+                                   [--seeds 3] [--eval-seed 0] [--workdir DIR] [--json out.json]
 
 The subject (``demo.HELD_OUT[--subject]``) never appears in the demo model's training data. The script writes
 ``--clips`` synthetic clips of it (random directions, captions and placements; reference image = the subject on
@@ -138,12 +138,12 @@ def parse(argv=None):
     p.add_argument("--subject", type=int, default=8,
                    help="index into demo.HELD_OUT (0..23; default 8: one an earlier demo model missed)")
     p.add_argument("--clips", type=int, default=48)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=0.0, help="0: = rank")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--flow-shift", type=float, default=1.0,
+    p.add_argument("--flow-shift", type=float, default=3.0,
                    help="train.flow_shift of the LoRA run (> 1 puts more training steps at high noise, where the "
                         "demo decides the subject's shape)")
     p.add_argument("--seed", type=int, default=0)

@@ -217,9 +217,11 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if (workdir / "data").exists() and World.load(workdir / "data") != world:
-        raise ValueError(f"{workdir / 'data'} was made in another demo world ({World.load(workdir / 'data')}) than "
-                         f"this build's ({world}); use a new --workdir")
+    for name, same in (("data", lambda w: dataclasses.replace(w, two_subject_clips=world.two_subject_clips)),
+                       ("data_two", lambda w: w)):      # the first clips do not depend on the dit_two stage's count
+        if (workdir / name).exists() and same(World.load(workdir / name)) != world:
+            raise ValueError(f"{workdir / name} was made in another demo world ({World.load(workdir / name)}) than "
+                             f"this build's ({world}); use a new --workdir")
     cfg = load_config(config, overrides)
     if vae is not None:
         given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint

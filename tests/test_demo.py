@@ -4,6 +4,7 @@ themselves (checked on the synthetic generator's clips), the committed bundle, a
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,8 +32,9 @@ WORLD = demo.World.load()              # the committed bundle's: its references 
 DIRS = [p["direction"] for p in PAIRS]
 COLORS = [p["subject"][0] for p in PAIRS]
 # Measured on the committed model (benchmarks/demo_eval.py, seed 0, 24 pairs): identity 22/24, colour 24/24,
-# motion 24/24, wrong-prompt motion 0/24, silhouette IoU 0.88. Thresholds: identity 6x chance (1/24), motion 3x
-# chance (1/4), colour ~4.7x its chance (1/7 if colour were ignored); all well below what was measured.
+# motion 24/24, wrong-prompt motion 0/24, silhouette IoU 0.87; two subjects (12 pairs): each subject present 15/24,
+# both 5/12. Thresholds: identity 6x chance (1/24), motion 3x chance (1/4), colour ~4.7x its chance (1/7 if colour
+# were ignored), each of two subjects 6x chance; all well below what was measured.
 IDENTITY_MIN, COLOR_MIN, MOTION_MIN, IOU_MIN = 6 / 24, 16 / 24, 0.75, 0.7
 
 
@@ -58,8 +60,9 @@ def test_seen_pairs_are_training_subjects(tmp_path):
 
 def test_committed_references_are_the_held_out_subjects(refs):
     """``assets/demo/subject_NN.png``: the held-out subjects at the committed bundle's reference radius (its world
-    draws subjects of radius 0.25-0.35 of the frame: 19 pixels)."""
-    assert WORLD == demo.World.with_radius(0.25, 0.35, random_colors=True) and demo.committed_ref_radius() == 19.0
+    draws subjects of radius 0.25-0.35 of the frame: 19 pixels; two-subject clips in 64x128 cells)."""
+    assert WORLD == demo.World.with_radius(0.25, 0.35, random_colors=True, two_subject_layout="cells",
+                                           two_subject_clips=1200) and demo.committed_ref_radius() == 19.0
     for p, r in zip(PAIRS, refs):
         np.testing.assert_array_equal(r, demo.reference_image(p["subject"], radius=19.0))
 
@@ -91,7 +94,8 @@ def test_bundle_is_committed_small_and_complete():
 
 
 def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
-    """The trained demo on all held-out pairs with fixed seeds (measured figures: see README 'Demo model')."""
+    """The trained demo on all held-out pairs and the two-subject pairs with fixed seeds (measured figures: see
+    README 'Demo model')."""
     models = demo.load_demo()
     videos = demo.generate_eval(models, PAIRS, seed=0)
     r = demo.evaluate_videos(videos, refs, DIRS, COLORS)
@@ -104,6 +108,10 @@ def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
     assert r["motion_accuracy"] >= MOTION_MIN           # chance: 1/4
     assert wrong["motion_accuracy"] <= 0.25             # the motion follows the prompt, not a fixed drift
     assert r["silhouette_iou"] >= IOU_MIN
+    two = [dict(p, video_size=WORLD.two_subject_size) for p in TWO]
+    got = demo.evaluate_multi(demo.generate_eval(models, two, seed=0), refs, two)
+    print("two subjects", json.dumps({k: v for k, v in got.items() if k != "per_video"}))
+    assert got["subject_present"] >= IDENTITY_MIN          # chance: 1/24 per subject
 
 
 def test_longer_text_length_only_adds_masked_padding():
@@ -465,13 +473,19 @@ def test_demo_world_recorded_and_checked(tmp_path):
     with pytest.raises(ValueError, match="needs two-subject clips"):
         demo.build(tmp_path / "run2", tmp_path / "out", overrides=["train.two_subject_steps=5"])
     with pytest.raises(ValueError, match="--dit .*architecture differs"):
-        demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit", overrides=["dit.mlp_width_ratio=2.0"])
+        demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit",
+                   overrides=["dit.mlp_width_ratio=2.0"])
     assert not (tmp_path / "run2").exists()
     (tmp_path / "run" / "data").mkdir(parents=True)
     demo.World().save(tmp_path / "run" / "data")
-    with pytest.raises(ValueError, match="another demo world"):
+    with pytest.raises(ValueError, match="run/data was made in another demo world"):
         demo.build(tmp_path / "run", tmp_path / "out", world=w)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"] and not (tmp_path / "out").exists()
+    (tmp_path / "run" / "data_two").mkdir()                   # the two-subject stage's clips: their count matters
+    w.save(tmp_path / "run" / "data")
+    dataclasses.replace(w, two_subject_clips=8).save(tmp_path / "run" / "data_two")
+    with pytest.raises(ValueError, match="run/data_two was made in another demo world"):
+        demo.build(tmp_path / "run", tmp_path / "out", world=dataclasses.replace(w, two_subject_clips=9))
 
 
 def test_dataset_in_a_world_of_larger_randomly_coloured_subjects(tmp_path):

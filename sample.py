@@ -48,6 +48,7 @@ from hcjax.calibrate_cache import default_ratios_path, load_ratios  # noqa: E402
 from hcjax.scheduler import CACHE_MODES, DEFAULT_THRESHOLDS  # noqa: E402
 from hcjax.conditioning import pose  # noqa: E402
 from hcjax.conditioning.video import check_editing_files  # noqa: E402
+from hcjax.config import REF_LAYOUTS  # noqa: E402
 from hcjax.media import read_image, write_video  # noqa: E402
 from hcjax.runtime import enable_compilation_cache, initialize_distributed, is_main_process  # noqa: E402
 from hcjax.pipeline import (  # noqa: E402
@@ -66,6 +67,9 @@ def parse(argv=None):
     a("--neg-prompt", default=None, help=FROM_MODEL.format("neg_prompt"))
     a("--item-name", nargs="+", default=None, metavar="NAME", help="subject name in '\\nThe {name} looks "
       "like<image>', one per --ref-image image (" + FROM_MODEL.format("item_name") + ")")
+    a("--ref-layout", default=None, choices=REF_LAYOUTS, help="2-4 reference images: 'centre' (each padded to the "
+      "whole frame, as released) or 'columns' (image k in the k-th of K columns of a white frame, for a model "
+      "trained so; " + FROM_MODEL.format("ref_layout") + ")")
     a("--input-audio", default=None, help="audio file (audio checkpoint)")
     a("--audio-strength", type=float, default=None, help=FROM_MODEL.format("audio_strength"))
     a("--input-video", default=None, help="video to edit (editing checkpoint)")
@@ -162,7 +166,7 @@ def request_from_args(args, sample_cfg) -> Request:
         cache=getattr(args, "cache", None), cache_threshold=getattr(args, "cache_threshold", None),
         input_audio=args.input_audio, audio_strength=args.audio_strength, input_video=args.input_video,
         mask_video=args.mask_video, expand_scale=args.expand_scale, fps=args.fps,
-        pose_enhance=args.pose_enhance or None, dwpose_dir=args.dwpose_dir)
+        pose_enhance=args.pose_enhance or None, dwpose_dir=args.dwpose_dir, ref_layout=args.ref_layout)
 
 
 def memory_overrides(args) -> list[str]:
@@ -175,8 +179,8 @@ def memory_overrides(args) -> list[str]:
 # --input-json keys: the request flags' names (dashes or underscores) -> the value each takes: a type, "HW" (two
 # integers), "subjects" (a string or a list of 1..MAX_SUBJECTS strings) or a tuple of the allowed values
 JSON_FIELDS = {"ref_image": "subjects", "pos_prompt": str, "neg_prompt": str, "item_name": "subjects",
-               "input_audio": str, "audio_strength": float, "input_video": str, "mask_video": str,
-               "expand_scale": int, "pose_enhance": bool, "dwpose_dir": str, "video_size": "HW",
+               "ref_layout": REF_LAYOUTS, "input_audio": str, "audio_strength": float, "input_video": str,
+               "mask_video": str, "expand_scale": int, "pose_enhance": bool, "dwpose_dir": str, "video_size": "HW",
                "sample_n_frames": int, "infer_steps": int, "flow_shift_eval_video": float, "cfg_scale": float,
                "ip_cfg_scale": float, "use_deepcache": (0, 1), "cache": tuple(CACHE_MODES), "cache_threshold": float,
                "cache_ratios": str, "seed": int, "fps": int, "output_name": str, "num_images": int}

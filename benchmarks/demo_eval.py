@@ -179,7 +179,7 @@ def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):
     report["generate_s"] = gen_s
     report["seed"] = seed
     # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
-    two = [dict(p, video_size=world.two_subject_size) for p in demo.two_subject_pairs(ref_dir=ref_dir)]
+    two = demo.two_subject_pairs(ref_dir=ref_dir, world=world)
     try:
         report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps, world)
     except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts

@@ -231,6 +231,9 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
         raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section")
     if cfg.train.two_subject_steps and not world.two_subject_clips:
         raise ValueError("train.two_subject_steps needs two-subject clips (--two-subject-clips N)")
+    if world.two_subject_clips and not cfg.train.two_subject_steps:
+        raise ValueError(f"--two-subject-clips {world.two_subject_clips}: the two-subject stage needs its steps "
+                         "(--set train.two_subject_steps=N)")
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, text, vae_run, cache, dit_run = (workdir / n for n in ("data", "text", "vae", "latents", "dit"))

@@ -191,7 +191,7 @@ def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None
                       pos_prompt=p["prompt"], item_name=list(p["item_names"]) if multi else "object",
                       video_size=tuple(p.get("video_size", sc.video_size)), frames=sc.frames, steps=steps or sc.steps,
                       flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale,
-                      ip_cfg_scale=sc.ip_cfg_scale, seed=seed + p["index"], fps=sc.fps)
+                      ip_cfg_scale=sc.ip_cfg_scale, seed=seed + p["index"], fps=sc.fps, ref_layout=sc.ref_layout)
         frames, _ = generate(models, req, init=init)
         out.append(np.asarray(frames))
         if print_fn:

@@ -97,10 +97,17 @@ class World:
         return TWO_SIZE if self.two_subject_layout == "cells" else (SIZE, SIZE)
 
     def two_subject_clip(self, rng: np.random.Generator, picks=None, directions=None):
-        """A two-subject clip of this world (:func:`hcjax.data.synthetic.make_multi_clip`, half-lane travel)."""
+        """A two-subject clip of this world (:func:`hcjax.data.synthetic.make_multi_clip`, half-lane travel). In the
+        cells layout the references are :data:`SIZE` squares (the middle of the generator's full-width ones, which
+        are white outside it), the size of a single subject's reference and of its cell."""
         cells = self.two_subject_layout == "cells"
-        return synthetic.make_multi_clip(rng, FRAMES, *self.two_subject_size, 2, picks=picks, directions=directions,
-                                         travel=TRAVEL, cells=cells, radius=self.subject_radius if cells else None)
+        video, refs, meta, mask = synthetic.make_multi_clip(
+            rng, FRAMES, *self.two_subject_size, 2, picks=picks, directions=directions, travel=TRAVEL, cells=cells,
+            radius=self.subject_radius if cells else None)
+        if cells:
+            left = (refs.shape[2] - SIZE) // 2
+            refs = np.ascontiguousarray(refs[:, :, left:left + SIZE])
+        return video, refs, meta, mask
 
     def save(self, bundle: Path) -> Path:
         path = Path(bundle) / WORLD_FILE
@@ -173,10 +180,11 @@ def eval_pairs(ref_dir: Path = DEMO_DIR) -> list[dict]:
     return [_pair(i, s, Path(ref_dir) / f"subject_{i:02d}.png") for i, s in enumerate(HELD_OUT)]
 
 
-def two_subject_pairs(n: int = 12, seed: int = 11, ref_dir: Path = DEMO_DIR) -> list[dict]:
+def two_subject_pairs(n: int = 12, seed: int = 11, ref_dir: Path = DEMO_DIR, world: World | None = None) -> list[dict]:
     """``n`` evaluation pairs of two held-out subjects each (distinct colours and shapes, drawn with ``seed``),
     directions cycling over :data:`TWO_DIRECTIONS`, prompt :data:`EVAL_PROMPT_TWO`; ``"refs"`` are the subjects'
-    indices in :data:`HELD_OUT` (their references are ``subject_NN.png``)."""
+    indices in :data:`HELD_OUT` (their references are ``subject_NN.png``). With ``world``, each pair is sampled at
+    its ``two_subject_size`` (``"video_size"``; otherwise the model's default size)."""
     rng = np.random.default_rng(seed)
     pairs, used = [], set()
     while len(pairs) < n:
@@ -191,6 +199,8 @@ def two_subject_pairs(n: int = 12, seed: int = 11, ref_dir: Path = DEMO_DIR) -> 
         pairs.append({"index": i, "subjects": (sa, sb), "refs": (a, b), "directions": dirs, "prompt": prompt,
                       "item_names": [f"{sa[0]} object", f"{sb[0]} object"],
                       "ref_images": [Path(ref_dir) / f"subject_{a:02d}.png", Path(ref_dir) / f"subject_{b:02d}.png"]})
+        if world is not None:
+            pairs[-1]["video_size"] = world.two_subject_size
     return pairs
 
 

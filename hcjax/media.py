@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import REF_LAYOUTS
+
 WHITE = 255
 
 
@@ -146,6 +148,30 @@ def pad_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     out = np.full((th, tw, 3), WHITE, np.uint8)
     top, left = (th - nh) // 2, (tw - nw) // 2
     out[top:top + nh, left:left + nw] = resized
+    return out
+
+
+def layout_references(images, height: int, width: int, layout: str = "centre") -> list[np.ndarray]:
+    """The reference images of one sample as the encoders get them (before :func:`pad_resize` to the frame).
+
+    ``"centre"`` returns them unchanged (each is padding-resized to the whole frame, as released). ``"columns"``,
+    for K >= 2 images: image k padding-resized into the k-th of K equal columns of a white ``height x width``
+    frame (column k spans ``k * width // K`` to ``(k + 1) * width // K``), so its subject sits where a model trained
+    on such clips draws subject k. One image is returned unchanged by either layout."""
+    if layout not in REF_LAYOUTS:
+        raise ValueError(f"reference layout must be one of {REF_LAYOUTS}; got {layout!r}")
+    images = [np.asarray(im) for im in images]
+    k = len(images)
+    if layout == "centre" or k == 1:
+        return images
+    if width < k:
+        raise ValueError(f"reference layout 'columns': {k} columns do not fit a frame {width} pixels wide")
+    out = []
+    for i, im in enumerate(images):
+        lo, hi = i * width // k, (i + 1) * width // k
+        frame = np.full((int(height), int(width), 3), WHITE, np.uint8)
+        frame[:, lo:hi] = pad_resize(im, height, hi - lo)
+        out.append(frame)
     return out
 
 

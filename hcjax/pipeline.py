@@ -37,10 +37,10 @@ from .conditioning import clip, llava, pose
 from .conditioning.text import TextConditioning, TextEncoders, encode_prompts
 from .conditioning.video import bg_latents_from_files
 from .conditioning.whisper import audio_prompts_from_file
-from .config import PRESET_DIR, Config, DiTConfig, SampleConfig
+from .config import PRESET_DIR, REF_LAYOUTS, Config, DiTConfig, SampleConfig
 from .dit import HunyuanDiT, StepCache, abstract_params
 from .layers import to_dtype
-from .media import pad_resize, read_image, to_uint8
+from .media import layout_references, pad_resize, read_image, to_uint8
 from .scheduler import (
     CACHE_MODES, DEFAULT_THRESHOLDS, deepcache_mask, euler_step, magcache_decide, magcache_ratios, teacache_decide,
 )
@@ -394,6 +394,7 @@ class Request:
     input_video: str | None = None
     mask_video: str | None = None
     expand_scale: int = _SC.expand_scale
+    ref_layout: str = _SC.ref_layout  # 2-4 reference images: centre | columns (hcjax.media.layout_references)
     pose_enhance: bool = False        # editing: DWPose skeletons drawn into the masked region (issue 27)
     dwpose_dir: str = pose.DEFAULT_DIR  # its ONNX files (yolox_l.onnx, dw-ll_ucoco_384.onnx)
     fps: int = _SC.fps
@@ -437,6 +438,8 @@ def validate_request(cfg: Config, req: Request) -> None:
     if len(req.item_names()) != k:
         raise ValueError(f"--item-name: give one name per --ref-image image ({k}); got {len(req.item_names())} "
                          f"names {req.item_names()}")
+    if req.ref_layout not in REF_LAYOUTS:
+        raise ValueError(f"--ref-layout must be one of {REF_LAYOUTS}; got {req.ref_layout!r}")
     editing = req.input_video is not None or req.mask_video is not None
     if req.pose_enhance and not editing:
         raise ValueError("--pose-enhance draws skeletons into the editing mask: give --input-video and "
@@ -512,7 +515,7 @@ def prepare(models: Models, req: Request, init=None) -> Prepared:
                                                req.expand_scale, key=post(k_bg))
         else:
             frames, (h, w) = req.frames, req.video_size
-        ref_rgb = [read_image(im) for im in req.ref_images()]                      # K images (multi-subject)
+        ref_rgb = layout_references([read_image(im) for im in req.ref_images()], h, w, req.ref_layout)  # K images
         ref_pix = np.stack([_pixels(pad_resize(im, h, w)) for im in ref_rgb])[:, None]   # [K, 1, h, w, 3]
         ref_latents = encode_video(vae_params, cfg.vae, jnp.asarray(ref_pix), post(k_ref))
         ref_latents = ref_latents.reshape(1, len(ref_rgb), *ref_latents.shape[2:])        # [1, K, h', w', C]

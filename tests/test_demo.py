@@ -18,7 +18,8 @@ import pytest
 import demo
 from hcjax import dit
 from hcjax import models as M
-from hcjax.checkpoint import TrainCheckpoints, export_training_params, load_params, random_params
+from hcjax.checkpoint import (TrainCheckpoints, export_training_params, load_checkpoint_config, load_params,
+                             random_params)
 from hcjax.config import load_config
 from hcjax.data import synthetic
 from hcjax.media import read_image
@@ -108,7 +109,7 @@ def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
     assert r["motion_accuracy"] >= MOTION_MIN           # chance: 1/4
     assert wrong["motion_accuracy"] <= 0.25             # the motion follows the prompt, not a fixed drift
     assert r["silhouette_iou"] >= IOU_MIN
-    two = [dict(p, video_size=WORLD.two_subject_size) for p in TWO]
+    two = demo.two_subject_pairs(world=WORLD)
     got = demo.evaluate_multi(demo.generate_eval(models, two, seed=0), refs, two)
     print("two subjects", json.dumps({k: v for k, v in got.items() if k != "per_video"}))
     assert got["subject_present"] >= IDENTITY_MIN          # chance: 1/24 per subject
@@ -463,6 +464,12 @@ def test_demo_world_recorded_and_checked(tmp_path):
     cells = demo.World.with_radius(0.25, 0.35, two_subject_layout="cells", two_subject_clips=5)
     (tmp_path / "cells").mkdir()
     assert demo.World.load(cells.save(tmp_path / "cells").parent) == cells and cells.two_subject_size == (64, 128)
+    # the cells world's references are single-subject-size squares: the middle of the generator's (white outside)
+    video, refs, _, _ = cells.two_subject_clip(np.random.default_rng(4))
+    _, full, _, _ = synthetic.make_multi_clip(np.random.default_rng(4), demo.FRAMES, 64, 128, 2, travel=demo.TRAVEL,
+                                              cells=True, radius=cells.subject_radius)
+    assert video.shape[1:3] == (64, 128) and refs.shape == (2, 64, 64, 3)
+    assert np.array_equal(refs, full[:, :, 32:96]) and (full[:, :, :32] == 255).all() and (full[:, :, 96:] == 255).all()
     old = {"subject_radius": [0.25, 0.35], "ref_radius": 19.0, "random_colors": True}     # written before the fields
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / demo.WORLD_FILE).write_text(json.dumps(old))
@@ -472,6 +479,8 @@ def test_demo_world_recorded_and_checked(tmp_path):
         demo.World(two_subject_layout="grid")
     with pytest.raises(ValueError, match="needs two-subject clips"):
         demo.build(tmp_path / "run2", tmp_path / "out", overrides=["train.two_subject_steps=5"])
+    with pytest.raises(ValueError, match="--two-subject-clips 5: the two-subject stage needs its steps"):
+        demo.build(tmp_path / "run2", tmp_path / "out", world=cells)
     with pytest.raises(ValueError, match="--dit .*architecture differs"):
         demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit",
                    overrides=["dit.mlp_width_ratio=2.0"])
@@ -566,6 +575,10 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
     index = json.loads((tmp_path / "run" / "latents_two" / "index.json").read_text())
     kinds = sorted((tuple(e["bucket"]), e["subjects"]) for e in index["clips"])
     assert kinds == [((64, 64), 1)] * 8 + [((64, 128), 2)] * 4, kinds       # 6 steps of batch 2: one epoch, both
+    refs = sorted((tmp_path / "run" / "data_two").glob("two_*_ref*.png"))
+    assert len(refs) == 8 and {read_image(p).shape for p in refs} == {(64, 64, 3)}   # placed in columns when encoded
+    bundle_cfg = load_checkpoint_config(out / "dit")
+    assert bundle_cfg.sample.ref_layout == bundle_cfg.train.data.ref_layout == "columns"
     first = load_params(export_training_params(tmp_path / "run" / "dit" / "checkpoints", tmp_path / "first"))
     bundle = load_params(out / "dit")
     cfg = load_config(demo.DEMO_CONFIG)

@@ -326,12 +326,16 @@ def test_cli_two_subjects_end_to_end_and_name_count_mismatch(tmp_path):
         "error: --item-name: give one name per --ref-image image; got 1 name(s) for 2 image(s)"], r.stderr
     r = cli("--ref-image", a, b, a, b, a)
     assert r.returncode == 2 and "1 to 4" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = cli("--ref-image", a, b, "--item-name", "man", "dog", "--seed", "5", "--ip-cfg-scale", "2")
+    r = cli("--ref-image", a, b, "--item-name", "man", "dog", "--ref-layout", "diagonal")
+    assert r.returncode == 2 and "--ref-layout: invalid choice: 'diagonal'" in r.stderr, r.stderr
+    r = cli("--ref-image", a, b, "--item-name", "man", "dog", "--seed", "5", "--ip-cfg-scale", "2", "--ref-layout",
+            "columns")
     assert r.returncode == 0, r.stderr
     mp4s = list((tmp_path / "out").glob("*.mp4"))
     assert len(mp4s) == 1 and read_video(mp4s[0]).shape == (5, 32, 48, 3)
     settings = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert settings["ref_image"] == [a, b] and settings["item_name"] == ["man", "dog"]
+    assert settings["ref_layout"] == "columns"
 
 
 def test_sharded_dit_with_three_references_equals_single_device():
@@ -360,3 +364,67 @@ def test_sharded_dit_with_three_references_equals_single_device():
     err = float(np.abs(got - want).max())
     print(f"3 references on {mesh_cfg}: max abs err {err:.2e}")
     assert got.shape == x.shape and err <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------- reference layout
+
+
+def _in_columns(images, height, width):
+    """The 'columns' layout built by hand: image k padding-resized into the k-th equal column of a white frame."""
+    from hcjax.media import pad_resize
+
+    k, out = len(images), []
+    for i, im in enumerate(images):
+        lo, hi = i * width // k, (i + 1) * width // k
+        frame = np.full((height, width, 3), 255, np.uint8)
+        frame[:, lo:hi] = pad_resize(im, height, hi - lo)
+        out.append(frame)
+    return out
+
+
+def test_layout_references_columns_and_centre(tmp_path):
+    from hcjax.media import layout_references, read_image
+
+    imgs = [read_image(p) for p in _two_images(tmp_path)]
+    for k, width in ((2, 96), (3, 100)):
+        placed = layout_references(imgs[:k], 48, width, "columns")
+        assert len(placed) == k and all(p.shape == (48, width, 3) and p.dtype == np.uint8 for p in placed)
+        for i, (got, want) in enumerate(zip(placed, _in_columns(imgs[:k], 48, width))):
+            np.testing.assert_array_equal(got, want)
+            # the coloured square lies inside column i only (columns 0-33, 33-66, 66-100 at width 100)
+            cols = np.flatnonzero((got < 200).any(-1).any(0))
+            assert i * width // k <= cols.min() and cols.max() < (i + 1) * width // k, (i, cols.min(), cols.max())
+    for layout in ("centre", "columns"):       # one image, or the centre layout: the images unchanged
+        assert all(a is b or np.array_equal(a, b) for a, b in zip(layout_references(imgs[:1], 48, 96, layout), imgs))
+    assert all(np.array_equal(a, b) for a, b in zip(layout_references(imgs, 48, 96, "centre"), imgs))
+    with pytest.raises(ValueError, match="reference layout must be one of"):
+        layout_references(imgs, 48, 96, "diagonal")
+
+
+def test_prepare_columns_layout_equals_references_placed_by_hand(tiny_models, tmp_path):
+    """``ref_layout="columns"`` gives the VAE and the LLaVA fusion exactly the hand-placed frames (as files)."""
+    from PIL import Image
+
+    from hcjax import pipeline
+    from hcjax.media import read_image
+
+    a, b, _ = _two_images(tmp_path)
+    small = dict(video_size=(32, 64), frames=5, steps=2, seed=3, ip_cfg_scale=2.0, sample_posterior=False)
+    hand = []
+    for i, im in enumerate(_in_columns([read_image(a), read_image(b)], 32, 64)):
+        hand.append(str(tmp_path / f"placed{i}.png"))
+        Image.fromarray(im).save(hand[-1])
+    names = dict(pos_prompt="a man and a dog", item_name=["man", "dog"])
+    cols = pipeline.prepare(tiny_models, pipeline.Request(ref_image=[a, b], ref_layout="columns", **names, **small))
+    by_hand = pipeline.prepare(tiny_models, pipeline.Request(ref_image=hand, **names, **small))
+    centre = pipeline.prepare(tiny_models, pipeline.Request(ref_image=[a, b], **names, **small))
+    for field in ("ref_latents", "text_states", "text_mask", "text_states_2"):
+        np.testing.assert_array_equal(np.asarray(getattr(cols.conds, field)), np.asarray(getattr(by_hand.conds, field)))
+    assert np.abs(np.asarray(cols.conds.ref_latents) - np.asarray(centre.conds.ref_latents)).max() > 1e-2
+    assert np.abs(np.asarray(cols.conds.text_states) - np.asarray(centre.conds.text_states)).max() > 1e-4
+    one = [pipeline.prepare(tiny_models, pipeline.Request(ref_image=a, pos_prompt="x", ref_layout=lay, **small))
+           for lay in ("centre", "columns")]
+    for field in ("ref_latents", "text_states", "text_mask", "text_states_2"):
+        np.testing.assert_array_equal(*(np.asarray(getattr(p.conds, field)) for p in one))
+    with pytest.raises(ValueError, match="--ref-layout must be one of"):
+        pipeline.prepare(tiny_models, pipeline.Request(ref_image=[a, b], pos_prompt="x", ref_layout="grid", **small))

@@ -317,3 +317,29 @@ def test_train_steps_on_a_mixed_dataset(cache):
         losses.append(float(m["loss"]))
     loader.close()
     assert len(losses) == 3 and int(state["step"]) == 3 and np.all(np.isfinite(losses))
+
+
+def test_raw_reader_columns_layout_places_each_reference(mixed):
+    """``train.data.ref_layout=columns``: a two-subject clip's reference k (and its LLaVA image) is the image
+    padding-resized into column k of a white frame (built here by hand); a one-subject clip reads as before."""
+    from hcjax.data.pipeline import RawReader
+    from hcjax.media import read_image
+
+    clips, _ = scan_raw(cfg_for(mixed).train.data, root=mixed)
+    readers = {lay: RawReader(cfg_for(mixed, f"train.data.ref_layout={lay}").train.data, clips, 28)
+               for lay in ("centre", "columns")}
+    for record, clip in enumerate(clips):
+        centre, cols = (readers[lay](record, np.random.default_rng(0), slots=2) for lay in ("centre", "columns"))
+        assert np.array_equal(centre["video"], cols["video"])
+        if clip.subjects == 1:
+            for key in ("ref_image", "llava_image", "ref_images", "llava_images"):
+                assert np.array_equal(centre[key], cols[key]), key
+            continue
+        for k, path in enumerate(clip.ref_images):
+            want = np.full((32, 32, 3), 255, np.uint8)
+            want[:, 16 * k:16 * k + 16] = pad_resize(read_image(path), 32, 16)
+            assert np.array_equal(cols["ref_images"][k], want)
+            assert np.array_equal(cols["llava_images"][k], pad_resize(want, 28, 28))
+            assert not np.array_equal(centre["ref_images"][k], want)
+    with pytest.raises(Exception, match="ref_layout"):
+        cfg_for(mixed, "train.data.ref_layout=rows")

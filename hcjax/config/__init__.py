@@ -18,13 +18,13 @@ from .models import (
     VAEConfig, WhisperConfig,
 )
 from .run import (
-    DEFAULT_LORA_TARGETS, Config, DataConfig, LoraConfig, MeshConfig, SampleConfig, TrainConfig, VAETrainConfig,
-    check_mesh,
+    DEFAULT_LORA_TARGETS, REF_LAYOUTS, Config, DataConfig, LoraConfig, MeshConfig, SampleConfig, TrainConfig,
+    VAETrainConfig, check_mesh,
 )
 
 __all__ = [
     "ATTENTION_IMPLS", "DTYPES", "PRESET_DIR", "REMAT_POLICIES", "ClipTextConfig", "ClipVisionConfig", "Config",
     "ConfigError", "DEFAULT_LORA_TARGETS", "DataConfig", "DiTConfig", "LlamaConfig", "LlavaConfig", "LoraConfig",
-    "MeshConfig", "SampleConfig", "TrainConfig", "VAEConfig", "VAETrainConfig", "WhisperConfig", "apply_overrides",
-    "check_mesh", "config_from_json", "from_dict", "load_config", "preset", "to_dict",
+    "MeshConfig", "REF_LAYOUTS", "SampleConfig", "TrainConfig", "VAEConfig", "VAETrainConfig", "WhisperConfig",
+    "apply_overrides", "check_mesh", "config_from_json", "from_dict", "load_config", "preset", "to_dict",
 ]

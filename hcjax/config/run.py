@@ -93,6 +93,12 @@ def check_mesh(mesh_cfg: MeshConfig, dit_cfg: DiTConfig, shape: tuple[int, ...] 
     return mode
 
 
+# How 2-4 reference images are laid out before encoding (hcjax.media.layout_references): "centre" (the release:
+# each image padding-resized to the whole frame) or "columns" (image k padding-resized into the k-th of K equal
+# columns of a white frame, where a model trained that way draws subject k). One image: the same in both.
+REF_LAYOUTS = ("centre", "columns")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training data (``hcjax.data``): a raw dataset directory (mp4 + per-clip JSON) in ``raw`` mode, or the output
@@ -105,6 +111,7 @@ class DataConfig:
     buckets: tuple[tuple[int, int], ...] = ((256, 256),)    # (height, width) in pixels, multiples of 16
     ref_source: str = "auto"           # auto (the clip's reference image if any, else a frame) | image | frame
     ref_frame: int = 0                 # frame of the sampled window used as reference (-1: a random frame)
+    ref_layout: str = "centre"         # clips of K >= 2 subjects: centre | columns (hcjax.media.layout_references)
     workers: int = 0                   # grain worker processes (0: read in the training process)
     threads: int = 2                   # reading threads per process
     prefetch: int = 2                  # per-thread read-ahead buffer
@@ -130,6 +137,8 @@ class DataConfig:
             raise ConfigError(f"{where}.text_encoder={self.text_encoder!r}; expected one of {self.TEXT_ENCODERS}")
         if self.ref_source not in self.REF_SOURCES:
             raise ConfigError(f"{where}.ref_source={self.ref_source!r}; expected one of {self.REF_SOURCES}")
+        if self.ref_layout not in REF_LAYOUTS:
+            raise ConfigError(f"{where}.ref_layout={self.ref_layout!r}; expected one of {REF_LAYOUTS}")
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ConfigError(f"{where}.num_frames={self.num_frames}: the causal VAE needs 4k+1 frames (1, 5, 9, ...)")
         if self.frame_stride < 1:
@@ -306,8 +315,11 @@ class SampleConfig:
     seed: int = 1024
     audio_strength: float = 0.8        # audio model: scale of the AudioNet injections (the original's default)
     expand_scale: int = 5              # editing: mask dilation in latent pixels (the original's default)
+    ref_layout: str = "centre"         # 2-4 reference images: centre | columns (hcjax.media.layout_references)
 
     def validate(self, where: str = "sample") -> None:
+        if self.ref_layout not in REF_LAYOUTS:
+            raise ConfigError(f"{where}.ref_layout={self.ref_layout!r}; expected one of {REF_LAYOUTS}")
         h, w = self.video_size
         if h < 16 or w < 16 or h % 16 or w % 16:
             raise ConfigError(f"{where}.video_size={list(self.video_size)}: need multiples of 16")

@@ -40,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from ..config import Config, DataConfig
-from ..media import cover_crop, decode_frames, pad_resize, read_image
+from ..media import cover_crop, decode_frames, layout_references, pad_resize, read_image
 from . import sources
 from .batch import TrainBatch
 
@@ -156,7 +156,8 @@ class RawReader:
         if self.text_slots > 1:
             out["text_slots"] = np.int32(self.text_slots)
         if slots > 1:
-            srcs = [read_image(p) for p in c.ref_images] if c.ref_images else [src]
+            srcs = layout_references([read_image(p) for p in c.ref_images] if c.ref_images else [src], height, width,
+                                     dc.ref_layout)
             white = np.full((), 255, np.uint8)
             out["ref_images"] = _pad_slots(np.stack([pad_resize(im, height, width) for im in srcs]), slots, white)
             out["llava_images"] = _pad_slots(np.stack([pad_resize(im, self.llava_size, self.llava_size)

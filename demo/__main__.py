@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from hcjax.cli import run_cli
 
 from .build import build
-from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, World, write_eval_references
+from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, DEMO_WORLD, World, write_eval_references
 
 
 def main(argv=None) -> int:
@@ -26,19 +27,23 @@ def main(argv=None) -> int:
                    help="share of two-subject training clips (default 0: single-subject only)")
     b.add_argument("--vae", default=None, metavar="DIR",
                    help="a trained demo VAE used frozen instead of training one (e.g. assets/demo/model/vae)")
+    d = DEMO_WORLD
     b.add_argument("--subject-radius", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="single-subject clips: subject radius range, fraction of the frame (default 0.18 0.26); the "
-                        "evaluation references are drawn at the middle of the range")
-    b.add_argument("--random-colors", action="store_true",
-                   help="single-subject clips paint their subject in a random saturated colour (video and reference)")
+                   help=f"single-subject clips: subject radius range, fraction of the frame (default "
+                        f"{' '.join(map(str, d.subject_radius))}, the committed bundle's); the evaluation references "
+                        "are drawn at the middle of the range")
+    b.add_argument("--random-colors", action=argparse.BooleanOptionalAction, default=None,
+                   help="single-subject clips paint their subject in a random saturated colour (video and reference; "
+                        f"default {'on' if d.random_colors else 'off'})")
     b.add_argument("--dit", default=None, metavar="DIR",
                    help="a trained demo DiT taken as the DiT stages' result (e.g. assets/demo/model/dit); with "
                         "train.two_subject_steps the two-subject stage continues from it")
-    b.add_argument("--two-subject-layout", choices=World.LAYOUTS, default="lanes",
-                   help="two-subject clips: 'lanes' (one square frame, half-size subjects; default) or 'cells' "
-                        "(twice as wide, one square cell per subject at the single-subject size)")
-    b.add_argument("--two-subject-clips", type=int, default=0, metavar="N",
-                   help="two-subject clips of the dit_two stage (run with --set train.two_subject_steps=STEPS)")
+    b.add_argument("--two-subject-layout", choices=World.LAYOUTS, default=None,
+                   help="two-subject clips: 'lanes' (one square frame, half-size subjects) or 'cells' (twice as wide, "
+                        f"one square cell per subject at the single-subject size; default {d.two_subject_layout})")
+    b.add_argument("--two-subject-clips", type=int, default=None, metavar="N",
+                   help=f"two-subject clips of the dit_two stage (default {d.two_subject_clips}; its steps: "
+                        "train.two_subject_steps, 0 with --set train.two_subject_steps=0)")
     b.add_argument("--set", action="append", default=[], metavar="A.B=V")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r = sub.add_parser("references", help="write the held-out reference images to assets/demo")
@@ -47,9 +52,14 @@ def main(argv=None) -> int:
 
     def run():
         if args.cmd == "build":
-            two = {"two_subject_layout": args.two_subject_layout, "two_subject_clips": args.two_subject_clips}
-            world = (World.with_radius(*args.subject_radius, args.random_colors, **two) if args.subject_radius
-                     else World(random_colors=args.random_colors, **two))
+            world = DEMO_WORLD          # the committed bundle's; each flag given replaces its part
+            if args.subject_radius:
+                world = World.with_radius(*args.subject_radius, world.random_colors,
+                                          two_subject_layout=world.two_subject_layout,
+                                          two_subject_clips=world.two_subject_clips)
+            given = {"random_colors": args.random_colors, "two_subject_layout": args.two_subject_layout,
+                     "two_subject_clips": args.two_subject_clips}
+            world = dataclasses.replace(world, **{k: v for k, v in given.items() if v is not None})
             build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
                   two_subject=args.two_subject, vae=args.vae, dit=args.dit, world=world, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))

@@ -16,7 +16,8 @@ Stages (each skipped when its output in ``RUN`` exists, so an interrupted build 
               optimizer and learning-rate schedule peaking at ``train.finetune_learning_rate``, same seed and data);
               or, with ``--dit DIR``, a DiT trained before, copied; then ``data_two`` / ``latents_two`` /
               ``dit_two`` with ``train.two_subject_steps``: the single-subject clips plus
-              ``World.two_subject_clips`` two-subject clips, encoded, and another warm restart on them;
+              ``World.two_subject_clips`` two-subject clips, encoded, and another warm restart on them, repeated
+              ``train.two_subject_restarts`` times in all (``dit_two``, ``dit_two_2``, ...: each from the last);
 6. ``bundle`` an hcjax bundle (``dit/ vae/ llava/ clip/``) written to ``--out`` (default ``assets/demo/model``).
 """
 
@@ -42,8 +43,8 @@ from hcjax.media import write_video
 from hcjax.models import TINY_TOKENIZERS
 from hcjax.models.text import load_text_encoders
 
-from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL,
-                       TWO_TEMPLATES, WORLD_FILE, World, caption, caption_two, random_color)
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_WORLD, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES,
+                       TRAIN_SUBJECTS, TRAVEL, TWO_TEMPLATES, WORLD_FILE, World, caption, caption_two, random_color)
 
 
 def make_dataset(out: Path, num_clips: int, seed: int = 0, two_subject: float = 0.0, world: World = World()) -> Path:
@@ -203,7 +204,7 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
 
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
           num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None,
-          dit: str | Path | None = None, world: World = World(), overrides=(), overwrite: bool = False,
+          dit: str | Path | None = None, world: World = DEMO_WORLD, overrides=(), overwrite: bool = False,
           print_fn=print) -> Path:
     """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
     of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too). ``vae``:
@@ -211,7 +212,8 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     stages (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
     bundle it comes from). ``dit``: likewise a trained demo DiT taken as the result of the ``dit`` and
     ``dit_finetune`` stages (the ``dit_two`` stage then starts from it). ``world``: how the clips draw their
-    subjects (:class:`demo.subjects.World`), written into the bundle as ``demo.json`` for the evaluation."""
+    subjects (:class:`demo.subjects.World`; default the committed bundle's), written into the bundle as
+    ``demo.json`` for the evaluation."""
     if not 0.0 <= two_subject < 1.0:
         raise ValueError(f"two_subject must be in [0, 1), got {two_subject}")
     workdir, out = Path(workdir).absolute(), Path(out).absolute()
@@ -230,7 +232,8 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     if dit is not None and load_checkpoint_config(dit).dit != cfg.dit:
         raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section")
     if cfg.train.two_subject_steps and not world.two_subject_clips:
-        raise ValueError("train.two_subject_steps needs two-subject clips (--two-subject-clips N)")
+        raise ValueError(f"train.two_subject_steps={cfg.train.two_subject_steps} needs two-subject clips "
+                         "(--two-subject-clips N; or --set train.two_subject_steps=0 to skip the stage)")
     if world.two_subject_clips and not cfg.train.two_subject_steps:
         raise ValueError(f"--two-subject-clips {world.two_subject_clips}: the two-subject stage needs its steps "
                          "(--set train.two_subject_steps=N)")
@@ -279,10 +282,16 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
         _stage("data_two", data_two, lambda: make_two_subject_data(data_two, data, world), print_fn)
         tcfg = dataclasses.replace(cfg, train=dataclasses.replace(
             tc, init_from=str(dit_run / "init"), steps=tc.two_subject_steps, learning_rate=tc.finetune_learning_rate,
-            finetune_steps=0, two_subject_steps=0, data=dataclasses.replace(dc, path=str(cache_two))))
+            finetune_steps=0, two_subject_steps=0, two_subject_restarts=1,
+            data=dataclasses.replace(dc, path=str(cache_two))))
         _stage("latents_two", cache_two, lambda: encode.precompute(
             tcfg, data_two, cache_two, text_encoders=load_text_encoders(text / "llava", text / "clip", cfg)), print_fn)
-        _stage("dit_two", dit_run / "done", lambda: _warm_restart(tcfg, first, dit_run, print_fn), print_fn)
+        for k in range(1, tc.two_subject_restarts + 1):     # dit_two, dit_two_2, ...: each from the one before
+            if k > 1:
+                first, dit_run = dit_run, workdir / f"dit_two_{k}"
+                tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, init_from=str(dit_run / "init")))
+            _stage(dit_run.name, dit_run / "done",
+                   lambda c=tcfg, f=first, r=dit_run: _warm_restart(c, f, r, print_fn), print_fn)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

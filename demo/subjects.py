@@ -55,10 +55,10 @@ class World:
     the subject's radius (fraction of the frame; :func:`hcjax.data.synthetic.make_clip`); ``ref_radius``: the
     radius (pixels at :data:`SIZE`) of the evaluation references; ``random_colors``: every training clip paints its
     subject (video and reference alike) in a random saturated colour (:func:`random_color`) instead of its colour
-    name's, so that no colour + texture of the training set names a shape. The defaults are the previous bundle's
-    world (git 754943a), so a plain ``python -m demo build`` still makes its data bit for bit; the committed bundle
-    was built with ``--subject-radius 0.25 0.35 --random-colors`` (its ``demo.json``). Two-subject clips keep their
-    named colours (their captions name them).
+    name's, so that no colour + texture of the training set names a shape. The defaults are the world of the
+    bundles before demo v2 (git 754943a and older, which have no ``demo.json``); the committed bundle's world, which
+    ``python -m demo build`` builds by default, is :data:`DEMO_WORLD`. Two-subject clips keep their named colours
+    (their captions name them).
 
     ``two_subject_layout``: ``"lanes"`` (default): two-subject clips are :data:`SIZE` square, the subjects crossing
     two half-frame lanes (radius 10-13 pixels); ``"cells"``: they are :data:`TWO_SIZE` (twice as wide), each
@@ -127,6 +127,11 @@ class World:
                        str(data.get("two_subject_layout", "lanes")), int(data.get("two_subject_clips", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a demo world ({e})") from None
+
+
+DEMO_WORLD = World.with_radius(0.25, 0.35, True, two_subject_layout="cells", two_subject_clips=1200)
+"""The committed bundle's world (its ``demo.json``) and the default of ``python -m demo build`` / :func:`demo.build`:
+subjects of radius 0.25-0.35 of the frame in random colours, and 1200 two-subject clips in the cells layout."""
 
 
 def random_color(rng: np.random.Generator) -> tuple[int, int, int]:

@@ -20,7 +20,7 @@ from hcjax import dit
 from hcjax import models as M
 from hcjax.checkpoint import (TrainCheckpoints, export_training_params, load_checkpoint_config, load_params,
                              random_params)
-from hcjax.config import load_config
+from hcjax.config import ConfigError, load_config
 from hcjax.data import synthetic
 from hcjax.media import read_image
 from tests.conftest import ROOT
@@ -153,7 +153,7 @@ def test_sampling_from_noised_clips(refs):
 def test_demo_cli(tmp_path):
     """``python -m demo``: the application outside the package. ``references`` writes the committed held-out
     references; ``build`` refuses an existing --out with one line and exit 2 before any stage runs; the old
-    in-package entry point is gone."""
+    in-package entry point is gone; a plain build draws its clips in the committed bundle's world."""
     r = subprocess.run([sys.executable, "-m", "demo", "references", "--out", str(tmp_path / "refs")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -182,6 +182,17 @@ def test_demo_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hcjax.demo", "build", "--workdir", str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "No module named hcjax.demo" in r.stderr
+    # the world a plain build draws in: the committed bundle's; each world flag replaces its part (shown by the
+    # refusal of a workdir whose data came from another world, which names both)
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    demo.World().save(tmp_path / "run" / "data")
+    mixed = demo.World.with_radius(0.2, 0.3, False, two_subject_layout="cells", two_subject_clips=3)
+    for flags, want in (([], demo.DEMO_WORLD),
+                        (["--subject-radius", "0.2", "0.3", "--no-random-colors", "--two-subject-clips", "3"], mixed)):
+        r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                            str(tmp_path / "new")] + flags, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"than this build's ({want})" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_demo_tokenizer_crop_start_matches_config():
@@ -477,10 +488,15 @@ def test_demo_world_recorded_and_checked(tmp_path):
     assert demo.World().two_subject_size == (64, 64)
     with pytest.raises(ValueError, match="two-subject layout must be one of"):
         demo.World(two_subject_layout="grid")
-    with pytest.raises(ValueError, match="needs two-subject clips"):
-        demo.build(tmp_path / "run2", tmp_path / "out", overrides=["train.two_subject_steps=5"])
+    # the build's default: the committed bundle's world and demo.yaml's chain of two-subject restarts
+    assert demo.World.load() == demo.DEMO_WORLD and demo.DEMO_WORLD.two_subject_clips > 0
+    assert load_config(demo.DEMO_CONFIG).train.two_subject_steps > 0
+    with pytest.raises(ValueError, match="two_subject_steps=6000 needs two-subject clips.*two_subject_steps=0 to skip"):
+        demo.build(tmp_path / "run2", tmp_path / "out", world=demo.World())
     with pytest.raises(ValueError, match="--two-subject-clips 5: the two-subject stage needs its steps"):
-        demo.build(tmp_path / "run2", tmp_path / "out", world=cells)
+        demo.build(tmp_path / "run2", tmp_path / "out", world=cells, overrides=["train.two_subject_steps=0"])
+    with pytest.raises(ConfigError, match="two_subject_restarts >= 1"):
+        demo.build(tmp_path / "run2", tmp_path / "out", overrides=["train.two_subject_restarts=0"])
     with pytest.raises(ValueError, match="--dit .*architecture differs"):
         demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit",
                    overrides=["dit.mlp_width_ratio=2.0"])
@@ -547,28 +563,31 @@ def test_world_evaluation_references(tmp_path):
 
 
 def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
-    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, with
-    ``train.finetune_steps`` and the two-subject stage (``--two-subject-layout cells --two-subject-clips 4``,
-    ``train.two_subject_steps``): each later DiT run starts from the one before (at a learning rate of 1e-9 their
-    steps leave the params as they were, while they differ from the first run's seeded random init by the first
-    run's two steps), the two-subject stage trains on the single clips plus 64x128 two-reference clips, and the
-    bundle is its output, with the build's world recorded."""
-    world = demo.World.with_radius(0.25, 0.35, random_colors=True, two_subject_layout="cells", two_subject_clips=4)
+    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, in the default world
+    (the committed bundle's) with 4 two-subject clips (``--two-subject-clips 4``), with ``train.finetune_steps`` and
+    two two-subject restarts (``train.two_subject_steps``, ``train.two_subject_restarts=2``): each later DiT run
+    starts from exactly the one before's result (and at a learning rate of 1e-9 their steps leave the params as they
+    were, while they differ from the first run's seeded random init by the first run's two steps), the two-subject
+    stages train on the single clips plus 64x128 two-reference clips, and the bundle is the last one's output, with
+    the build's world recorded."""
+    world = dataclasses.replace(demo.DEMO_WORLD, two_subject_clips=4)       # the build's default, 4 clips
+    assert world == demo.World.with_radius(0.25, 0.35, random_colors=True, two_subject_layout="cells",
+                                           two_subject_clips=4)
     sets = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.ema_decay=0", "train.save_every=1",
             "train.log_every=1", "train.finetune_steps=1", "train.finetune_learning_rate=1e-9",
-            "train.two_subject_steps=6"]
+            "train.two_subject_steps=3", "train.two_subject_restarts=2"]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")            # one device, as a user runs it
     r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
                         str(tmp_path / "out"), "--num-clips", "8", "--vae", str(M.DEMO_BUNDLE / "vae"),
-                        "--subject-radius", "0.25", "0.35", "--random-colors", "--two-subject-layout", "cells",
                         "--two-subject-clips", "4"]
                        + [a for s in sets for a in ("--set", s)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out, log = tmp_path / "out", r.stdout.splitlines()
-    assert "[dit_finetune] ..." in log and "[dit_two] ..." in log and demo.World.load(out) == world
+    assert [s for s in ("[dit_finetune] ...", "[dit_two] ...", "[dit_two_2] ...", "[dit_two_3] ...") if s in log] \
+        == ["[dit_finetune] ...", "[dit_two] ...", "[dit_two_2] ..."] and demo.World.load(out) == world
     assert sorted(p.name for p in out.iterdir()) == ["clip", "demo.json", "dit", "llava", "vae"]
-    for stage, steps in (("dit_finetune", 1), ("dit_two", 6)):
+    for stage, steps in (("dit_finetune", 1), ("dit_two", 3), ("dit_two_2", 3)):
         ck = TrainCheckpoints(tmp_path / "run" / stage / "checkpoints", read_only=True)
         assert ck.latest_step() == steps
         ck.close()
@@ -588,3 +607,11 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
     trained = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                   zip(jax.tree.leaves(first), jax.tree.leaves(init)))
     assert moved < 1e-6 < 1e-4 < trained, (moved, trained)
+    # the chain: each restart starts from exactly the last one's result, and the bundle is the last result
+    run = tmp_path / "run"
+    last = {s: load_params(export_training_params(run / s / "checkpoints", tmp_path / f"last_{s}"))
+            for s in ("dit_finetune", "dit_two", "dit_two_2")}
+    for a, b in ((last["dit_finetune"], load_params(run / "dit_two" / "init")),
+                 (last["dit_two"], load_params(run / "dit_two_2" / "init")), (last["dit_two_2"], bundle)):
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    assert not (run / "dit_two_3").exists()

@@ -221,6 +221,7 @@ class TrainConfig:
     finetune_steps: int = 0            # demo build: a second run from the first's (EMA) params, same seed and data
     finetune_learning_rate: float = 5e-4
     two_subject_steps: int = 0         # demo build: then a run on single + two-subject clips (finetune_learning_rate)
+    two_subject_restarts: int = 1      # demo build: that many such runs in a row, each from the one before
     log_every: int = 10
     save_every: int = 500
     keep: int = 3                      # checkpoints kept
@@ -243,9 +244,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.timestep_sampling={self.timestep_sampling!r}; expected one of {self.SAMPLING}")
         if self.flow_shift <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}: need flow_shift > 0, grad_clip >= 0 and weight_decay >= 0")
-        if self.finetune_steps < 0 or self.finetune_learning_rate <= 0 or self.two_subject_steps < 0:
-            raise ConfigError(f"{where}: need finetune_steps >= 0, two_subject_steps >= 0 and "
-                              f"finetune_learning_rate > 0")
+        if (self.finetune_steps < 0 or self.finetune_learning_rate <= 0 or self.two_subject_steps < 0
+                or self.two_subject_restarts < 1):
+            raise ConfigError(f"{where}: need finetune_steps >= 0, two_subject_steps >= 0, two_subject_restarts >= 1 "
+                              f"and finetune_learning_rate > 0")
         for f in ("drop_text", "drop_image", "drop_audio", "ema_decay"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"{where}.{f}={getattr(self, f)} must be in [0, 1)")

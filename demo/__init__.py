@@ -1,7 +1,7 @@
 """The demo application: a small HunyuanCustom-shaped model trained from nothing on synthetic subject videos.
 
 Not library code (floor 5 of ``hcjax/__init__.py``): it uses the data pipeline, training, precompute, loading and
-sampling. ``python -m demo build --workdir RUN`` recreates the committed bundle ``assets/demo/model``
+sampling. ``python -m demo build --workdir RUN`` runs the committed bundle's recipe into ``assets/demo/model``
 (:mod:`.build`); ``python -m demo references`` writes the held-out reference images; ``benchmarks/demo_eval.py``
 measures the model (:mod:`.evaluate`). The subjects, held-out split, captions and evaluation pairs are in
 :mod:`.subjects`.

@@ -1,4 +1,5 @@
-"""Building the demo model: ``python -m demo build --workdir RUN`` recreates ``assets/demo/model`` from nothing.
+"""Building the demo model: ``python -m demo build --workdir RUN`` runs the committed bundle's recipe
+(``configs/demo.yaml`` in :data:`~demo.subjects.DEMO_WORLD`) from nothing into ``assets/demo/model``.
 
 Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues):
 

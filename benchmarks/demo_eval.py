@@ -24,6 +24,7 @@ four single-subject and three two-subject samples.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import tempfile
@@ -101,7 +102,7 @@ TWO_HEADLINE = ("all_present", "subject_present", "motion_accuracy", "intact_fra
 
 
 def _two_figures(report: dict) -> dict:
-    return {k: report[k] for k in TWO_HEADLINE}
+    return {k: report[k] for k in TWO_HEADLINE + ("missed",)}
 
 
 HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_accuracy_vs_wrong_prompt",
@@ -119,6 +120,8 @@ def two_subject_report(models, two, refs, seed: int, seeds: int, steps,
         per_seed.append({"seed": seed + SEED_STRIDE * i, **_two_figures(got)})
     clips = two_subject_videos(two, world=world)
     mean = {k: float(np.mean([p[k] for p in per_seed])) for k in TWO_HEADLINE}
+    misses = collections.Counter(i for p in per_seed for i in p["missed"])
+    mean["seeds_missed_per_pair"] = {i: misses[i] for i in sorted(misses)}      # which pairs fail, how often
     return {"per_seed": per_seed, "mean_over_seeds": mean,
             "ground_truth": _two_figures(demo.evaluate_multi(clips, refs, two)),
             "vae_roundtrip": _two_figures(demo.evaluate_multi(vae_roundtrip(models, clips), refs, two))}, videos
@@ -255,7 +258,9 @@ def evaluate(args) -> None:
                                        else []):
         print(f"two subjects, seed {p['seed']!s:>5}: both present {p['all_present']:.1%} (each subject "
               f"{p['subject_present']:.1%}), motion {p['motion_accuracy']:.1%}, intact frames {p['intact_frames']:.1%}"
-              f" ({p['components_per_frame']:.2f} pieces per frame)")
+              f" ({p['components_per_frame']:.2f} pieces per frame)"
+              + (f"; pairs missed {p['missed']}" if "missed" in p else "")
+              + (f"; seeds missed per pair {p['seeds_missed_per_pair']}" if "seeds_missed_per_pair" in p else ""))
     for name in ("ground_truth", "vae_roundtrip") if "error" not in ts else ():
         p = ts[name]
         print(f"two subjects, {name.replace('_', ' ')}: both present {p['all_present']:.1%}, motion "

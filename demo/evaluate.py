@@ -135,8 +135,9 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
     In every frame each subject is the connected piece (:func:`pieces`) nearest to its own reference
     (:func:`descriptor` of the piece: its colour and silhouette); the subject is *present* when the median over
     frames of that piece's distances to all ``refs`` is smallest at its own reference (as the single-subject
-    identity); *both/all present* when every subject of the video is; motion: the subject's piece moves in its
-    prompted direction (first -> last frame, as :func:`evaluate_videos`); intact frames: exactly K pieces."""
+    identity); *both/all present* when every subject of the video is (``missed``: the indices of the videos where
+    one is not); motion: the subject's piece moves in its prompted direction (first -> last frame, as
+    :func:`evaluate_videos`); intact frames: exactly K pieces."""
     ref_desc = [descriptor(r) for r in refs]
     present, all_present, motion, per, counts = [], [], [], [], []
     for video, p in zip(videos, pairs):
@@ -165,7 +166,8 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
     return {"n": len(videos), "all_present": float(np.mean(all_present)), "subject_present": float(np.mean(present)),
             "motion_accuracy": float(np.mean(motion)), "identity_chance": 1.0 / len(refs),
             "intact_frames": float(np.mean([c == k for v in counts for c in v])),
-            "components_per_frame": float(np.mean([c for v in counts for c in v])), "per_video": per}
+            "components_per_frame": float(np.mean([c for v in counts for c in v])),
+            "missed": [i for i, ok in enumerate(all_present) if not ok], "per_video": per}
 
 
 def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None,

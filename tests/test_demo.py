@@ -353,7 +353,8 @@ def test_two_subject_pairs_are_held_out_and_distinct():
 def test_two_subject_metric(refs):
     """evaluate_multi on independent data (the generator's two-subject clips): perfect as generated; scored
     against the other pair's references it fails; with the prompted directions swapped, motion fails; with the
-    second subject's lane painted over, that subject is missing (each-subject 50 %, no frame intact)."""
+    second subject's lane painted over, that subject is missing (each-subject 50 %, no frame intact), and those
+    videos are the ones listed as missed."""
     clips = demo_eval.two_subject_videos(TWO)
     good = demo.evaluate_multi(clips, refs, TWO)
     assert good["all_present"] == 1.0 and good["motion_accuracy"] == 1.0
@@ -372,6 +373,9 @@ def test_two_subject_metric(refs):
         erased.append(v)
     one = demo.evaluate_multi(erased, refs, TWO)
     assert one["all_present"] == 0.0 and one["subject_present"] == 0.5 and one["intact_frames"] == 0.0
+    assert good["missed"] == [] and one["missed"] == list(range(12))
+    mixed = demo.evaluate_multi(clips[:4] + erased[4:7] + clips[7:], refs, TWO)      # videos 4, 5, 6 lose one
+    assert mixed["missed"] == [4, 5, 6] and mixed["all_present"] == 0.75
 
 
 def test_multi_clip_choices_keep_the_other_draws():

@@ -291,8 +291,7 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
             if k > 1:
                 first, dit_run = dit_run, workdir / f"dit_two_{k}"
                 tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, init_from=str(dit_run / "init")))
-            _stage(dit_run.name, dit_run / "done",
-                   lambda c=tcfg, f=first, r=dit_run: _warm_restart(c, f, r, print_fn), print_fn)
+            _stage(dit_run.name, dit_run / "done", lambda: _warm_restart(tcfg, first, dit_run, print_fn), print_fn)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -15,7 +15,8 @@ image -> white-image reference latents for all K, audio -> zeros (spec 3.4, 2.1,
 State: a plain dict ``{"step": int32[], "params", "opt_state", ("ema")}``; params are fp32 master weights,
 the DiT computes in ``dit.dtype`` (bf16 for mixed precision) and ``dit.remat`` picks the checkpoint policy of
 the scanned blocks. Optimiser: global-norm clipping then AdamW (decay on kernels/embeddings) with linear warmup
-and cosine (or constant) decay. :func:`make_train_step` returns a pure jitted ``(state, batch, null) -> (state,
+and cosine (or constant) decay; ``train.microbatch`` runs the batch through the DiT in slices with averaged
+gradients (:func:`microbatch_value_and_grad`). :func:`make_train_step` returns a pure jitted ``(state, batch, null) -> (state,
 metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite loss or gradient
 leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
 a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``; in raw mode it encodes each
@@ -31,6 +32,7 @@ or fp8 with ``dit.use_fp8``, in the DiT's run-time form), never differentiated; 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -96,6 +98,10 @@ def check_batch(cfg: Config, mesh) -> int:
                           f" use a multiple of {shards}")
     if b % jax.process_count():
         raise ConfigError(f"train.batch_size={b} does not divide over {jax.process_count()} hosts")
+    mb = cfg.train.microbatch
+    if mb and mb < b and mb % shards:
+        raise ConfigError(f"train.microbatch={mb} is not divisible by the {shards} batch shards of the mesh "
+                          f"(every slice is spread over them); use a multiple of {shards}")
     return shards
 
 
@@ -292,19 +298,20 @@ def apply_dropout(batch: TrainBatch, null: dict, key, tc) -> TrainBatch:
     return batch.replace(**new)
 
 
-def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config, adapters=None):
-    """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32). ``adapters``: the
-    DiT runs ``params`` with these LoRA adapters unmerged (``train.lora``: scale, dropout keyed ``fold_in(key,
-    3)``)."""
-    tc = cfg.train
+def training_draws(batch: TrainBatch, null: dict, key, tc):
+    """The per-sample draws of one step for the whole batch: ``(x_sigma, sigma, target, conditioned batch)`` with
+    ``target = eps - x0`` and the condition dropout applied (:func:`apply_dropout`)."""
     x0 = batch.latents.astype(jnp.float32)
     b = x0.shape[0]
     k_sigma, k_noise, k_drop = jax.random.split(key, 3)
     sigma = training_sigmas(k_sigma, b, tc.flow_shift, tc.timestep_sampling)
     eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
     s = sigma.reshape(b, 1, 1, 1, 1)
-    xt = (1.0 - s) * x0 + s * eps
-    c = apply_dropout(batch, null, k_drop, tc)
+    return (1.0 - s) * x0 + s * eps, sigma, eps - x0, apply_dropout(batch, null, k_drop, tc)
+
+
+def velocity_loss(params, xt, sigma, target, c: TrainBatch, cfg: Config, adapters=None, dropout_key=None):
+    """MSE (fp32) between the DiT velocity at ``xt`` (conditioned on ``c``) and ``target``."""
     args = (xt, 1000.0 * sigma, c.text_states, c.text_mask, c.text_states_2)
     kw = dict(ref_latents=c.ref_latents, bg_latents=c.bg_latents, audio_features=c.audio_features)
     if c.ref_mask is not None:          # mixed-K batch: padded reference frames masked out of attention
@@ -313,11 +320,46 @@ def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config, 
     if adapters is None:
         v = model.apply({"params": params}, *args, **kw)
     else:
-        lc = tc.lora
-        v = lora.apply(model, params, adapters, lc.scale, *args, dropout=lc.dropout,
-                       dropout_key=jax.random.fold_in(key, 3), **kw)
-    loss = jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
+        lc = cfg.train.lora
+        v = lora.apply(model, params, adapters, lc.scale, *args, dropout=lc.dropout, dropout_key=dropout_key, **kw)
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - target))
+
+
+def flow_matching_loss(params, batch: TrainBatch, null: dict, key, cfg: Config, adapters=None):
+    """``(loss, aux)``: MSE between the DiT velocity at ``x_sigma`` and ``eps - x0`` (fp32). ``adapters``: the
+    DiT runs ``params`` with these LoRA adapters unmerged (``train.lora``: scale, dropout keyed ``fold_in(key,
+    3)``)."""
+    xt, sigma, target, c = training_draws(batch, null, key, cfg.train)
+    loss = velocity_loss(params, xt, sigma, target, c, cfg, adapters, jax.random.fold_in(key, 3))
     return loss, {"sigma_mean": jnp.mean(sigma)}
+
+
+def microbatch_value_and_grad(trainable, batch: TrainBatch, null: dict, key, cfg: Config, frozen=None):
+    """``((loss, aux), grads)`` of :func:`flow_matching_loss` with the batch through the DiT in slices of
+    ``train.microbatch`` samples, values and gradients averaged: the same objective (the draws are made for the
+    whole batch first; slices are equal, so the mean of their means is the batch mean), cheaper on CPU, where the
+    time per sample grows with the batch. Slice i holds samples ``i, i + n, i + 2n, ...`` (n slices), so a batch
+    sharded over the data axes stays sharded the same way in every slice. The slices are unrolled (a ``lax.scan``
+    costs more on CPU, as for the VAE). With LoRA (``frozen`` the base) slice i draws its dropout from
+    ``fold_in(fold_in(key, 3), i)``."""
+    mb, b = cfg.train.microbatch, batch.latents.shape[0]
+    xt, sigma, target, c = training_draws(batch, null, key, cfg.train)
+    n = b // mb
+
+    def part(i, a):
+        return a.reshape((mb, n) + a.shape[1:])[:, i]
+
+    total = None
+    for i in range(n):
+        sl = jax.tree.map(functools.partial(part, i), (xt, sigma, target, c))
+        dkey = jax.random.fold_in(jax.random.fold_in(key, 3), i)
+        if frozen is None:
+            out = jax.value_and_grad(lambda p: velocity_loss(p, *sl, cfg))(trainable)   # noqa: B023
+        else:
+            out = jax.value_and_grad(lambda a: velocity_loss(frozen, *sl, cfg, a, dkey))(trainable)   # noqa: B023
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    loss, grads = jax.tree.map(lambda v: v / n, total)
+    return (loss, {"sigma_mean": jnp.mean(sigma)}), grads
 
 
 def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: bool = False,
@@ -345,11 +387,15 @@ def make_train_step(cfg: Config, optimizer, mesh, rules=None, *, with_grads: boo
     def step_fn(state, batch, null, *frozen):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(tc.seed), step)
-        if use_lora:
-            loss_fn = lambda ad: flow_matching_loss(frozen[0], batch, null, key, cfg, adapters=ad)  # noqa: E731
+        if tc.microbatch and tc.microbatch < batch.latents.shape[0]:
+            (loss, aux), grads = microbatch_value_and_grad(state[tk], batch, null, key, cfg,
+                                                           frozen[0] if use_lora else None)
         else:
-            loss_fn = lambda p: flow_matching_loss(p, batch, null, key, cfg)  # noqa: E731
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[tk])
+            if use_lora:
+                loss_fn = lambda ad: flow_matching_loss(frozen[0], batch, null, key, cfg, adapters=ad)  # noqa: E731
+            else:
+                loss_fn = lambda p: flow_matching_loss(p, batch, null, key, cfg)  # noqa: E731
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[tk])
         gnorm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state[tk])
         params = optax.apply_updates(state[tk], updates)

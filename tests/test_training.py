@@ -198,6 +198,34 @@ def test_sharded_step_equals_single_device(grad_setup, sharded_remat_step):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_microbatch_step_equals_the_whole_batch_objective(grad_setup):
+    """train.microbatch=2 on a batch of 4 over data=2 x tensor=2: the DiT runs on slices of 2 (seen in the lowered
+    program) and the loss and gradients are those of the independent whole-batch objective."""
+    cfg, params, batch, null = grad_setup
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=2))
+    fn, opt, mesh = step_fn(cfg, (2, 1, 1, 2))
+    state = training.create_state(cfg, mesh, RULES, opt, params=params)
+    state["step"] = jax.device_put(jnp.int32(5), state["step"].sharding)
+    gb, gn = training.to_global(batch, mesh, RULES), training.device_null(null, mesh)
+    with training.mesh_context(mesh, RULES, cfg):
+        text = fn.jitted.lower(state, gb, gn).as_text()
+    tokens = int(np.prod(batch.latents.shape[1:4])) // 4          # patch 1x2x2
+    hidden = cfg.dit.hidden_size
+    assert f"tensor<2x{tokens}x{hidden}xf32>" in text and f"tensor<4x{tokens}x{hidden}xf32>" not in text
+    _, m = fn(state, gb, gn)
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 5)
+    ref_fn = jax.jit(jax.value_and_grad(reference_loss), static_argnums=4)
+    loss, grads = ref_fn.lower(params, batch, null, key, cfg).compile(FAST)(params, batch, null, key)
+    np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(jax.device_get(m["grads"])), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ConfigError, match=r"microbatch=3 must be 0 \(whole batch\) or divide train.batch_size=4"):
+        tiny_cfg("train.batch_size=4", "train.microbatch=3")
+    with pytest.raises(ConfigError, match=r"microbatch=2 is not divisible by the 4 batch shards"):
+        training.check_batch(tiny_cfg("train.batch_size=8", "train.microbatch=2"), mesh_of((2, 2, 1, 1)))
+
+
 def test_nonfinite_step_keeps_state(grad_setup):
     """A NaN in the batch: the step reports finite=False and returns the state unchanged (uses the 1-device
     program compiled above: same shapes)."""

@@ -202,6 +202,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     batch_size: int = 8                # global batch over all hosts; must divide by mesh data * fsdp
+    microbatch: int = 0                # samples per DiT forward/backward, gradients averaged (0: the whole batch)
     learning_rate: float = 1e-5
     lr_schedule: str = "cosine"        # cosine | constant (both after a linear warmup)
     warmup_steps: int = 100
@@ -248,6 +249,9 @@ class TrainConfig:
                 or self.two_subject_restarts < 1):
             raise ConfigError(f"{where}: need finetune_steps >= 0, two_subject_steps >= 0, two_subject_restarts >= 1 "
                               f"and finetune_learning_rate > 0")
+        if self.microbatch < 0 or (self.microbatch and self.batch_size % self.microbatch):
+            raise ConfigError(f"{where}.microbatch={self.microbatch} must be 0 (whole batch) or divide "
+                              f"{where}.batch_size={self.batch_size}")
         for f in ("drop_text", "drop_image", "drop_audio", "ema_decay"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"{where}.{f}={getattr(self, f)} must be in [0, 1)")

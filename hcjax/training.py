@@ -16,8 +16,9 @@ State: a plain dict ``{"step": int32[], "params", "opt_state", ("ema")}``; param
 the DiT computes in ``dit.dtype`` (bf16 for mixed precision) and ``dit.remat`` picks the checkpoint policy of
 the scanned blocks. Optimiser: global-norm clipping then AdamW (decay on kernels/embeddings) with linear warmup
 and cosine (or constant) decay; ``train.microbatch`` runs the batch through the DiT in slices with averaged
-gradients (:func:`microbatch_value_and_grad`). :func:`make_train_step` returns a pure jitted ``(state, batch, null) -> (state,
-metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite loss or gradient
+gradients (:func:`microbatch_value_and_grad`). :func:`make_train_step` returns a pure jitted ``(state, batch,
+null) -> (state, metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite
+loss or gradient
 leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
 a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``; in raw mode it encodes each
 batch with :class:`hcjax.data.encode.Encoders` over the text encoders it is given (``train.py`` loads them).

@@ -212,6 +212,11 @@ def test_microbatch_step_equals_the_whole_batch_objective(grad_setup):
     tokens = int(np.prod(batch.latents.shape[1:4])) // 4          # patch 1x2x2
     hidden = cfg.dit.hidden_size
     assert f"tensor<2x{tokens}x{hidden}xf32>" in text and f"tensor<4x{tokens}x{hidden}xf32>" not in text
+    whole, _, _ = step_fn(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=0)), (2, 1, 1, 2))
+    big = training.to_global(random_batch(cfg, h=16, w=16)[0], mesh, RULES)     # activations dominate: 192 tokens
+    with training.mesh_context(mesh, RULES, cfg):       # one slice's activations alive at a time
+        temp = [f.jitted.lower(state, big, gn).compile(FAST).memory_analysis().temp_size_in_bytes for f in (fn, whole)]
+    assert temp[0] < 0.7 * temp[1], temp
     _, m = fn(state, gb, gn)
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 5)
     ref_fn = jax.jit(jax.value_and_grad(reference_loss), static_argnums=4)

@@ -73,7 +73,7 @@ def run(args) -> None:
         if not cfg.train.data.path:
             raise ValueError("no training data: set train.data.path (e.g. --set train.data.path=DIR)")
         memory.check(memory.training_estimate(cfg), f"train.py --config {args.config}",
-                     "lower train.batch_size or the bucket size, or set dit.remat")
+                     "lower train.batch_size or the bucket size, set dit.remat, or train.microbatch")
         text = load_text_encoders_for(cfg) if cfg.train.data.mode == "raw" else None
         train(cfg, args.workdir, resume=args.resume, print_fn=lambda s: print(s, flush=True), progress=progress,
               text_encoders=text)

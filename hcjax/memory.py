@@ -251,13 +251,17 @@ def request_estimate(cfg: Config, req, random_weights: bool = False, mesh=None) 
 
 def training_estimate(cfg: Config) -> Estimate:
     """Peak bytes of one ``train.py`` DiT step (fp32 master weights, AdamW, gradients, optional EMA) on the
-    largest bucket; raw mode adds the VAE and the text towers it encodes with."""
+    largest bucket (with ``train.microbatch`` the activations of one slice and a gradient accumulator); raw mode
+    adds the VAE and the text towers it encodes with."""
     tc, d = cfg.train, cfg.dit
     est = Estimate()
     p = _bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32),
                             nn.unbox(dit.abstract_params(d))))
     copies = 4 + (tc.ema_decay > 0)
     est.parts["params/dit-train-state"] = copies * p
+    sliced = 0 < tc.microbatch < tc.batch_size        # train.microbatch: one slice's activations + the accumulator
+    if sliced:
+        est.parts["params/dit-grad-accumulator"] = p
     if tc.data.mode == "raw":
         extra = param_bytes(cfg, text=tc.data.text_encoder != "hash")
         for k in ("vae", "llava", "clip", "whisper"):
@@ -265,7 +269,7 @@ def training_estimate(cfg: Config) -> Estimate:
                 est.parts[f"params/{k}"] = extra[k]
     h, w = max(tc.data.buckets, key=lambda b: b[0] * b[1])
     tokens = dit_tokens(cfg, tc.data.num_frames, h, w, reference=not d.video_condition)
-    per_host = max(1, tc.batch_size // max(jax.process_count(), 1))
+    per_host = max(1, (tc.microbatch if sliced else tc.batch_size) // max(jax.process_count(), 1))
     block = dit_block_bytes(cfg, per_host, tokens)
     depth = d.depth_double_blocks + d.depth_single_blocks
     saved = depth * block if d.remat == "none" else depth * per_host * tokens * d.hidden_size * 4 + block

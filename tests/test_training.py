@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import pytest
 
-from hcjax import dit, sharding, training, vae
+from hcjax import dit, memory, sharding, training, vae
 from hcjax.checkpoint import (TrainCheckpoints, export_training_params, load_checkpoint_config, load_params,
                               random_params, resume_differences)
 from hcjax.config import ConfigError, load_config
@@ -225,6 +225,13 @@ def test_microbatch_step_equals_the_whole_batch_objective(grad_setup):
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
     for a, b in zip(jax.tree.leaves(jax.device_get(m["grads"])), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    # the memory estimate counts one slice's activations (+ an accumulator): those of a whole batch of 2
+    est = {mb: memory.training_estimate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatch=mb)))
+           for mb in (0, 2)}
+    half = memory.training_estimate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=2)))
+    act = "activations/dit-train"
+    assert est[2].parts[act] == half.parts[act] < est[0].parts[act]
+    assert est[2].parts["params/dit-grad-accumulator"] == est[2].parts["params/dit-train-state"] // 5   # fp32, EMA
     with pytest.raises(ConfigError, match=r"microbatch=3 must be 0 \(whole batch\) or divide train.batch_size=4"):
         tiny_cfg("train.batch_size=4", "train.microbatch=3")
     with pytest.raises(ConfigError, match=r"microbatch=2 is not divisible by the 4 batch shards"):

@@ -315,6 +315,15 @@ def test_train_steps_on_a_mixed_dataset(cache):
         state, m = step(state, training.to_global(b, mesh, rules), null)
         assert bool(m["finite"]) and np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
         losses.append(float(m["loss"]))
+        if len(losses) == 1:        # train.microbatch=2 on this mixed-K batch: the whole batch's loss and gradients
+            mcfg = cfg_for(out, "train.steps=3", "train.microbatch=2", mode="precomputed")
+            mstep = training.make_train_step(mcfg, optimizer, mesh, rules, compiler_options=FAST, with_grads=True)
+            wstep = training.make_train_step(cfg, optimizer, mesh, rules, compiler_options=FAST, with_grads=True)
+            got = [f(training.create_state(cfg, mesh, rules, optimizer), training.to_global(b, mesh, rules), null)[1]
+                   for f in (mstep, wstep)]
+            np.testing.assert_allclose(got[0]["loss"], got[1]["loss"], rtol=1e-5)
+            for a, w in zip(jax.tree.leaves(got[0]["grads"]), jax.tree.leaves(got[1]["grads"])):
+                np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(w))))
     loader.close()
     assert len(losses) == 3 and int(state["step"]) == 3 and np.all(np.isfinite(losses))
 

@@ -1,7 +1,8 @@
 """Building the demo model: ``python -m demo build --workdir RUN`` runs the committed bundle's recipe
 (``configs/demo.yaml`` in :data:`~demo.subjects.DEMO_WORLD`) from nothing into ``assets/demo/model``.
 
-Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues):
+Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues; a training stage,
+VAE or DiT, interrupted midway continues from its last checkpoint):
 
 1. ``data``   synthetic subject clips (:mod:`hcjax.data.synthetic`) of the training subjects only, a share
               (``--two-subject``) of them with two subjects; the :data:`~demo.subjects.HELD_OUT` subjects never
@@ -247,8 +248,8 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     if vae is not None:         # trained once and frozen
         _stage("vae", vae_run / "params", lambda: shutil.copytree(vae, vae_run / "params"), print_fn)
     else:
-        _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, print_fn=print_fn,
-                                                                         progress=False), print_fn)
+        _stage("vae", vae_run / "params", lambda: vae_training.train_vae(vcfg, vae_run, resume=True,
+                                                                         print_fn=print_fn, progress=False), print_fn)
     vc = cfg.vae_train
     if vc.finetune_steps and vae is None:      # a second run from the first one's weights (warm restart)
         first, vae_run = vae_run, workdir / "vae_finetune"
@@ -256,7 +257,7 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
             vcfg.vae_train, init_from=str(first / "params"), steps=vc.finetune_steps,
             learning_rate=vc.finetune_learning_rate, seed=vc.seed + 1))
         _stage("vae_finetune", vae_run / "params", lambda: vae_training.train_vae(
-            fcfg, vae_run, print_fn=print_fn, progress=False), print_fn)
+            fcfg, vae_run, resume=True, print_fn=print_fn, progress=False), print_fn)
     scale = load_checkpoint_config(vae_run / "params").vae.scaling_factor
     dc = dataclasses.replace(cfg.train.data, vae_weights=str(vae_run / "params"), llava_dir=str(text / "llava"),
                              clip_dir=str(text / "clip"), path=str(cache))

@@ -619,3 +619,43 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
                  (last["dit_two"], load_params(run / "dit_two_2" / "init")), (last["dit_two_2"], bundle)):
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert not (run / "dit_two_3").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_build_continues_an_interrupted_vae_stage(tmp_path):
+    """A build interrupted inside its VAE stage (the first long one) continues from that stage's last checkpoint
+    when rerun (it used to refuse: checkpoints without ``--resume``), and ends with the VAE an uninterrupted build
+    trains."""
+    import shutil
+
+    world = dataclasses.replace(demo.DEMO_WORLD, two_subject_clips=0)
+    sets = ["vae_train.steps=4", "vae_train.save_every=2", "vae_train.log_every=1", "vae_train.batch_size=2",
+            "vae_train.microbatch=0", "vae_train.crop=16", "train.two_subject_steps=0"]
+
+    def run(workdir, stop_at):
+        log = []
+
+        def print_fn(s):
+            log.append(s)
+            if s.startswith(stop_at):
+                raise _Stop(s)
+        with pytest.raises(_Stop):
+            demo.build(workdir, tmp_path / "out", num_clips=4, world=world, overrides=sets, print_fn=print_fn)
+        return log
+
+    log = run(tmp_path / "run", "vae step 3")          # interrupted after the step-2 checkpoint
+    assert not (tmp_path / "run" / "vae" / "params").exists()
+    log = run(tmp_path / "run", "[latents] ...")
+    assert "[data] exists" in log[0] and any(s.startswith("vae: resumed from step 2 (") for s in log), log
+    assert (tmp_path / "run" / "vae" / "params").is_dir() and not (tmp_path / "out").exists()
+    (tmp_path / "whole").mkdir()
+    for name in ("data", "text"):
+        shutil.copytree(tmp_path / "run" / name, tmp_path / "whole" / name)
+    run(tmp_path / "whole", "[latents] ...")
+    resumed, whole = (load_params(tmp_path / r / "vae" / "params") for r in ("run", "whole"))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True))
+    assert load_checkpoint_config(tmp_path / "run" / "vae" / "params").vae.scaling_factor == \
+        load_checkpoint_config(tmp_path / "whole" / "vae" / "params").vae.scaling_factor

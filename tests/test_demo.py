@@ -7,6 +7,7 @@ import colorsys
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -629,8 +630,6 @@ def test_build_continues_an_interrupted_vae_stage(tmp_path):
     """A build interrupted inside its VAE stage (the first long one) continues from that stage's last checkpoint
     when rerun (it used to refuse: checkpoints without ``--resume``), and ends with the VAE an uninterrupted build
     trains."""
-    import shutil
-
     world = dataclasses.replace(demo.DEMO_WORLD, two_subject_clips=0)
     sets = ["vae_train.steps=4", "vae_train.save_every=2", "vae_train.log_every=1", "vae_train.batch_size=2",
             "vae_train.microbatch=0", "vae_train.crop=16", "train.two_subject_steps=0"]

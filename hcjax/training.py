@@ -18,9 +18,10 @@ the scanned blocks. Optimiser: global-norm clipping then AdamW (decay on kernels
 and cosine (or constant) decay; ``train.microbatch`` runs the batch through the DiT in slices with averaged
 gradients (:func:`microbatch_value_and_grad`). :func:`make_train_step` returns a pure jitted ``(state, batch,
 null) -> (state, metrics)`` with explicit in/out shardings over the mesh and the state donated; a non-finite
-loss or gradient leaves the state unchanged and reports ``finite = False``. The per-step RNG is ``fold_in(key(seed), step)``, so
-a resumed run draws the same noise. :func:`train` is the loop behind ``train.py``; in raw mode it encodes each
-batch with :class:`hcjax.data.encode.Encoders` over the text encoders it is given (``train.py`` loads them).
+loss or gradient leaves the state unchanged and reports ``finite = False``. The per-step RNG is
+``fold_in(key(seed), step)``, so a resumed run draws the same noise. :func:`train` is the loop behind
+``train.py``; in raw mode it encodes each batch with :class:`hcjax.data.encode.Encoders` over the text encoders it
+is given (``train.py`` loads them).
 
 LoRA (``train.lora.rank > 0``, :mod:`hcjax.lora`): the state holds ``"adapters"`` (fp32, sharded like their
 kernels: :func:`hcjax.lora.boxed`) instead of ``"params"``, so the optimizer state and checkpoints hold adapters

@@ -58,6 +58,7 @@ from .dit.storage import abstract_runtime_params
 from .data import Loader, TrainBatch, sources
 from .data.batch import TEXT_KEYS
 from .data.encode import Encoders, check_compatible
+from .data.npz import load_npz
 from .scheduler import training_sigmas
 
 log = logging.getLogger("hcjax.training")
@@ -487,8 +488,7 @@ def _null_conditioning(cfg: Config, loader, encoders) -> dict:
     if encoders is not None:
         return encoders.null_text()
     check_compatible(loader.index, cfg, cfg.train.data.path)
-    with np.load(Path(cfg.train.data.path) / sources.NULL) as z:
-        return {k: z[k] for k in NULL_KEYS}
+    return load_npz(Path(cfg.train.data.path) / sources.NULL, NULL_KEYS)
 
 
 def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: Callable = print,

@@ -43,6 +43,7 @@ from ..config import Config, DataConfig
 from ..media import cover_crop, decode_frames, layout_references, pad_resize, read_image
 from . import sources
 from .batch import TrainBatch
+from .npz import load_npz
 
 log = logging.getLogger("hcjax.data")
 MAX_TRIES = 8
@@ -184,8 +185,7 @@ class NpzReader:
 
     def null_ref(self, h: int, w: int) -> np.ndarray:
         if self._null is None:
-            with np.load(self.null_path) as z:
-                self._null = {k: z[k] for k in z.files}
+            self._null = load_npz(self.null_path)
         key = f"ref_{h}x{w}"
         if key not in self._null:
             raise ValueError(f"{self.null_path} has no white-image latents {key}; re-run hcjax.precompute")
@@ -198,14 +198,9 @@ class NpzReader:
         """One clip's arrays; ``slots > 1``: references padded to ``slots`` with white-image latents + ``ref_mask``."""
         e = self.entries[record]
         try:
-            with np.load(e["file"]) as z:
-                keys = self.KEYS + (("audio_features",) if self.audio else ()) + \
-                    (("bg_latents",) if self.editing else ())
-                missing = [k for k in keys if k not in z.files]
-                if missing:
-                    raise ValueError(f"missing arrays {missing}")
-                out = {k: z[k] for k in keys}
-        except (OSError, EOFError, KeyError, ValueError) as err:
+            out = load_npz(e["file"], self.KEYS + (("audio_features",) if self.audio else ()) +
+                           (("bg_latents",) if self.editing else ()))
+        except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"{e['file']}: cannot read precomputed clip ({err})") from None
         if tuple(out["latents"].shape) != tuple(e["latent_shape"]):
             raise ValueError(f"{e['file']}: latents {out['latents'].shape} differ from index.json "

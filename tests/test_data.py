@@ -13,7 +13,8 @@ import pytest
 from hcjax.config import load_config
 from hcjax.data import BatchPlan, Loader, TrainBatch, scan_raw
 from hcjax.data.encode import check_compatible, precompute
-from hcjax.data.pipeline import LoadBatch, RawReader
+from hcjax.data import sources
+from hcjax.data.pipeline import LoadBatch, NpzReader, RawReader
 from hcjax.data.synthetic import generate
 from hcjax.media import decode_frames, probe, write_video
 
@@ -296,6 +297,35 @@ def test_precompute_and_precomputed_batches(raw, tmp_path):
     with pytest.raises(ValueError, match="text_encoder=llava needs the loaded text encoders"):
         precompute(cfg_for(raw, "train.data.text_encoder=llava"), raw / "square", tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_damaged_precomputed_clip_is_replaced_and_counted(raw, tmp_path):
+    """A clip's .npz damaged after precompute (truncated: zipfile's BadZipFile; one data byte flipped: its CRC) is
+    replaced by a bucket neighbour and counted, or refused by name with train.data.strict."""
+    precompute(cfg_for(raw / "square"), raw / "square", tmp_path / "cache")
+    dc = cfg_for(tmp_path / "cache", mode="precomputed").train.data
+    entries, _, _ = sources.scan_precomputed(dc)
+    plan = BatchPlan([e["bucket"] for e in entries], 2, 0)
+    first, second = (int(i) for i in plan.global_batch_ids(0))
+    for victim, how in ((first, "truncated"), (second, "flipped")):
+        f = Path(entries[victim]["file"])
+        data = bytearray(f.read_bytes())
+        if how == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            data[data.index(b"latents.npy") + 300] ^= 0xFF
+        f.write_bytes(bytes(data))
+    reader = NpzReader(entries, str(tmp_path / "cache" / sources.NULL), audio=False)
+    out = LoadBatch(plan, reader, 0, 0, 1, strict=False)(0)
+    damaged, expected = {first, second}, 0
+    for rec in (first, second):     # each slot tries its clip, then the bucket's next neighbours, until one reads
+        r, attempt = rec, 0
+        while r in damaged:
+            expected, attempt = expected + 1, attempt + 1
+            r = plan.neighbor(rec, attempt)
+    assert int(out["skipped"]) == expected >= 2 and out["latents"].shape == (2, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match=rf"{Path(entries[first]['file']).name}: cannot read precomputed clip"):
+        LoadBatch(plan, reader, 0, 0, 1, strict=True)(0)
 
 
 def test_typed_batch_fields():

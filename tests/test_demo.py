@@ -496,7 +496,8 @@ def test_demo_world_recorded_and_checked(tmp_path):
     # the build's default: the committed bundle's world and demo.yaml's chain of two-subject restarts
     assert demo.World.load() == demo.DEMO_WORLD and demo.DEMO_WORLD.two_subject_clips > 0
     assert load_config(demo.DEMO_CONFIG).train.two_subject_steps > 0
-    with pytest.raises(ValueError, match="two_subject_steps=6000 needs two-subject clips.*two_subject_steps=0 to skip"):
+    with pytest.raises(ValueError,
+                       match="two_subject_steps=15000 needs two-subject clips.*two_subject_steps=0 to skip"):
         demo.build(tmp_path / "run2", tmp_path / "out", world=demo.World())
     with pytest.raises(ValueError, match="--two-subject-clips 5: the two-subject stage needs its steps"):
         demo.build(tmp_path / "run2", tmp_path / "out", world=cells, overrides=["train.two_subject_steps=0"])

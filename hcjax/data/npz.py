@@ -24,7 +24,8 @@ _HEADER = re.compile(r"\{'descr': '([<>|=][a-zA-Z]\d+)', 'fortran_order': (True|
 _NUMPY_LOCK = threading.Lock()
 
 
-def _read_member(f) -> np.ndarray:
+def _read_member(f) -> np.ndarray | None:
+    """One .npy member; None when its header is not the plain form numpy writes (the caller falls back)."""
     major, _ = np.lib.format.read_magic(f)
     size = int.from_bytes(f.read(2 if major == 1 else 4), "little")
     header = f.read(size).decode("utf-8" if major >= 3 else "latin1")

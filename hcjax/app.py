@@ -36,6 +36,7 @@ from hcjax import sharding
 from hcjax.cli import exit_process, run_cli
 from hcjax.conditioning import pose
 from hcjax.conditioning.video import check_editing_files
+from hcjax.config import REF_LAYOUTS
 from hcjax.media import probe, read_audio, read_image, write_video
 from hcjax.runtime import enable_compilation_cache
 
@@ -193,6 +194,10 @@ def _settings_inputs(gr, sc, mode: str) -> dict:
             c["ip_cfg_scale"] = gr.Number(sc.ip_cfg_scale, label="Image guidance scale (0 = off)")
         c["flow_shift"] = gr.Number(sc.flow_shift, label="Flow shift")
         c["use_deepcache"] = gr.Checkbox(sc.use_deepcache, label="Step cache (DeepCache)")
+        if mode == "multi":                         # as sample.py --ref-layout; the model's own layout by default
+            c["ref_layout"] = gr.Radio(list(REF_LAYOUTS), value=sc.ref_layout, label="Reference layout",
+                                       info="centre: each reference padded to the frame (the release); columns: "
+                                            "reference k in the k-th column (models trained so, e.g. the demo)")
         if mode == "audio":
             c["audio_strength"] = gr.Number(sc.audio_strength, label="Audio strength")
         if mode == "editing":
@@ -293,7 +298,7 @@ def build(engine: Engine):
         for mode, (comps, button, status, video, download) in tab_parts.items():
             kinds = {"ref_image": "image", "input_audio": "audio", "input_video": "video", "mask_video": "video"}
             for key, comp in comps.items():
-                kind = "image" if key.startswith("ref_") else kinds.get(key)
+                kind = "image" if key.startswith("ref_") and key[4:].isdigit() else kinds.get(key)     # ref_0..ref_3
                 if kind:
                     comp.upload(_checker(comp.label, kind), comp, status, concurrency_limit=None)
             button.click(_handler(gr, engine, mode, comps, gallery_items), set(comps.values()),

@@ -189,6 +189,41 @@ def test_page_structure_and_queue(tmp_path):
     assert all(f.concurrency_limit == 1 and f.concurrency_id == "generate" for f in fns)
 
 
+def test_multi_tab_reference_layout_reaches_the_request(tmp_path):
+    """The Multi-subject tab's "Reference layout" (sample.py's --ref-layout) defaults to the model's
+    sample.ref_layout and the chosen value is the one the request carries."""
+    pytest.importorskip("gradio")
+    eng = _engine(tmp_path)
+    page = app.build(eng)
+    cfg = page.get_config_file()
+    radio = [c for c in cfg["components"] if c["props"].get("elem_id") == "multi-ref_layout"]
+    assert len(radio) == 1 and radio[0]["type"] == "radio"
+    assert radio[0]["props"]["value"] == eng.cfg.sample.ref_layout
+    assert [c[0] if isinstance(c, (list, tuple)) else c for c in radio[0]["props"]["choices"]] == ["centre", "columns"]
+    dep = [d for d in cfg["dependencies"] if radio[0]["id"] in d["inputs"] and len(d["outputs"]) == 4]
+    assert len(dep) == 1
+    seen = []
+
+    def run(req, mode, on_step=None, on_phase=None):        # the request as the engine would get it
+        seen.append((mode, req))
+        raise RuntimeError("not generating in this test")
+
+    eng.run = run
+    fn = page.fns[dep[0]["id"]].fn
+    for layout in ("columns", "centre"):
+        data = {page.blocks[i]: page.blocks[i].value for i in dep[0]["inputs"]}
+        for block in data:
+            elem = getattr(block, "elem_id", None)
+            if elem in ("multi-ref-1", "multi-ref-2"):
+                data[block] = REF
+            elif elem == "multi-ref_layout":
+                data[block] = layout
+        message = fn(data)[0]
+        assert "not generating in this test" in message
+        mode, req = seen[-1]
+        assert mode == "multi" and req.ref_layout == layout and req.ref_image == [REF, REF]
+
+
 # ------------------------------------------------------------------------------------------- in a browser
 
 

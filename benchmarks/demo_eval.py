@@ -15,7 +15,8 @@ mean; the calibrations, the training-subject check and the strip use the first. 
 diagnostic of where the subject's look is lost: each sample starts from the generator's clip of its pair (the
 second calibration's clips) noised to sigma S instead of from pure noise, and runs the remaining steps.
 Two subjects per video (issue 24; ``demo.two_subject_pairs``: 12 pairs of held-out subjects, prompt naming each
-by colour, one reference each): both subjects present with their colour and shape (``demo.evaluate_multi``), each
+by colour, one reference each): both subjects present (``demo.evaluate_multi``: each nearest to its own reference,
+colour and silhouette, texture included; and the looser figure with colour and shape, texture free), each
 moving in its own direction, and frames with exactly two pieces; calibrated on the generator's two-subject clips
 and those through the VAE; ``--seeds`` repeats it too. ``--strip`` writes ``demo_strip.png`` (and ``demo.gif``):
 four single-subject and three two-subject samples.
@@ -98,33 +99,34 @@ def write_strip(videos, refs, pairs, out_dir: Path, n: int = 6) -> list[Path]:
 
 
 SEED_STRIDE = 1000       # seed k of --seeds: seed + 1000 k (the pairs use seed + index, 0..23)
-TWO_HEADLINE = ("all_present", "subject_present", "motion_accuracy", "intact_frames", "components_per_frame")
+TWO_HEADLINE = ("all_present", "all_colour_shape", "subject_present", "motion_accuracy", "intact_frames",
+                "components_per_frame")
 
 
 def _two_figures(report: dict) -> dict:
-    return {k: report[k] for k in TWO_HEADLINE + ("missed",)}
+    return {k: report[k] for k in TWO_HEADLINE + ("missed", "missed_colour_shape")}
 
 
 HEADLINE = ("identity_accuracy", "color_accuracy", "motion_accuracy", "motion_accuracy_vs_wrong_prompt",
             "silhouette_iou", "area_cv", "intact_frames", "components_per_frame")
 
 
-def two_subject_report(models, two, refs, seed: int, seeds: int, steps,
-                       world: demo.World = demo.World()) -> tuple[dict, list[np.ndarray]]:
+def two_subject_report(models, two, refs, seed: int, seeds: int, steps, world: demo.World = demo.World(),
+                       attributes=demo.HELD_OUT) -> tuple[dict, list[np.ndarray]]:
     """The two-subject figures (per seed, their mean, and the generator / VAE calibrations in ``world``'s layout)
-    and the first seed's videos."""
+    and the first seed's videos. ``attributes``: each of ``refs``' (colour, texture, shape)."""
+    score = lambda v: _two_figures(demo.evaluate_multi(v, refs, two, attributes=attributes))  # noqa: E731
     videos = demo.generate_eval(models, two, seed=seed, steps=steps)
-    per_seed = [{"seed": seed, **_two_figures(demo.evaluate_multi(videos, refs, two))}]
+    per_seed = [{"seed": seed, **score(videos)}]
     for i in range(1, seeds):
-        got = demo.evaluate_multi(demo.generate_eval(models, two, seed=seed + SEED_STRIDE * i, steps=steps), refs, two)
-        per_seed.append({"seed": seed + SEED_STRIDE * i, **_two_figures(got)})
+        got = score(demo.generate_eval(models, two, seed=seed + SEED_STRIDE * i, steps=steps))
+        per_seed.append({"seed": seed + SEED_STRIDE * i, **got})
     clips = two_subject_videos(two, world=world)
     mean = {k: float(np.mean([p[k] for p in per_seed])) for k in TWO_HEADLINE}
     misses = collections.Counter(i for p in per_seed for i in p["missed"])
     mean["seeds_missed_per_pair"] = {i: misses[i] for i in sorted(misses)}      # which pairs fail, how often
     return {"per_seed": per_seed, "mean_over_seeds": mean,
-            "ground_truth": _two_figures(demo.evaluate_multi(clips, refs, two)),
-            "vae_roundtrip": _two_figures(demo.evaluate_multi(vae_roundtrip(models, clips), refs, two))}, videos
+            "ground_truth": score(clips), "vae_roundtrip": score(vae_roundtrip(models, clips))}, videos
 
 
 def run(bundle=None, seed: int = 0, steps: int | None = None, overrides=(), print_fn=print, seeds: int = 1,
@@ -184,7 +186,8 @@ def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):
     # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
     two = demo.two_subject_pairs(ref_dir=ref_dir, world=world)
     try:
-        report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps, world)
+        report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps, world,
+                                                               attributes=[p["subject"] for p in pairs])
     except ValueError as e:        # a bundle whose tokenizer / text length cannot take the two-subject prompts
         if "LLaVA tokens exceed" not in str(e):
             raise
@@ -256,14 +259,17 @@ def evaluate(args) -> None:
         print(f"two subjects: not measured, this bundle cannot encode the two-subject prompts ({ts['error']})")
     for p in ts.get("per_seed", []) + ([{"seed": "mean", **ts["mean_over_seeds"]}] if len(ts.get("per_seed", [])) > 1
                                        else []):
-        print(f"two subjects, seed {p['seed']!s:>5}: both present {p['all_present']:.1%} (each subject "
+        print(f"two subjects, seed {p['seed']!s:>5}: both present {p['all_present']:.1%} (with colour and shape, "
+              f"texture free: {p['all_colour_shape']:.1%}; each subject "
               f"{p['subject_present']:.1%}), motion {p['motion_accuracy']:.1%}, intact frames {p['intact_frames']:.1%}"
               f" ({p['components_per_frame']:.2f} pieces per frame)"
-              + (f"; pairs missed {p['missed']}" if "missed" in p else "")
+              + (f"; pairs missed {p['missed']} (colour and shape: {p['missed_colour_shape']})" if "missed" in p
+                 else "")
               + (f"; seeds missed per pair {p['seeds_missed_per_pair']}" if "seeds_missed_per_pair" in p else ""))
     for name in ("ground_truth", "vae_roundtrip") if "error" not in ts else ():
         p = ts[name]
-        print(f"two subjects, {name.replace('_', ' ')}: both present {p['all_present']:.1%}, motion "
+        print(f"two subjects, {name.replace('_', ' ')}: both present {p['all_present']:.1%} (colour and shape "
+              f"{p['all_colour_shape']:.1%}), motion "
               f"{p['motion_accuracy']:.1%}, intact frames {p['intact_frames']:.1%}")
     for f in report["from_clips"]:
         print(f"from the generator's clips noised to sigma {f['start_sigma']}: identity {f['identity_accuracy']:.1%}, "

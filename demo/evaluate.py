@@ -128,7 +128,8 @@ def evaluate_videos(videos: list[np.ndarray], refs: list[np.ndarray], directions
             "components_per_frame": float(np.mean([c for v in pieces for c in v])), "per_video": per}
 
 
-def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list[dict]) -> dict:
+def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list[dict],
+                   attributes: list[tuple] | None = None) -> dict:
     """Figures of generated multi-subject videos: ``pairs[i]["refs"]`` are the indices (into ``refs``, the pool
     of candidate references) of video i's subjects, ``pairs[i]["directions"]`` their prompted motions.
 
@@ -137,7 +138,11 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
     frames of that piece's distances to all ``refs`` is smallest at its own reference (as the single-subject
     identity); *both/all present* when every subject of the video is (``missed``: the indices of the videos where
     one is not); motion: the subject's piece moves in its prompted direction (first -> last frame, as
-    :func:`evaluate_videos`); intact frames: exactly K pieces."""
+    :func:`evaluate_videos`); intact frames: exactly K pieces.
+
+    ``attributes`` (each reference's ``(colour, texture, shape)``, e.g. :data:`~demo.subjects.HELD_OUT`) adds the
+    looser figure of the issue's words, *with colour and shape*: the reference nearest to the subject has the
+    subject's colour and shape (its texture may be another's; ``all_colour_shape``, ``missed_colour_shape``)."""
     ref_desc = [descriptor(r) for r in refs]
     present, all_present, motion, per, counts = [], [], [], [], []
     for video, p in zip(videos, pairs):
@@ -160,6 +165,9 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
             present.append(ok)
             motion.append(mv)
             found.append({"present": ok, "nearest_ref": int(np.argmin(med)), "motion": mv})
+            if attributes is not None:
+                near, own = attributes[int(np.argmin(med))], attributes[ri]
+                found[-1]["colour_shape"] = bool(np.isfinite(med[ri]) and (near[0], near[2]) == (own[0], own[2]))
         all_present.append(all(f["present"] for f in found))
         per.append({"subjects": found, "components": counts[-1]})
     k = len(pairs[0]["refs"]) if pairs else 0
@@ -167,7 +175,15 @@ def evaluate_multi(videos: list[np.ndarray], refs: list[np.ndarray], pairs: list
             "motion_accuracy": float(np.mean(motion)), "identity_chance": 1.0 / len(refs),
             "intact_frames": float(np.mean([c == k for v in counts for c in v])),
             "components_per_frame": float(np.mean([c for v in counts for c in v])),
-            "missed": [i for i, ok in enumerate(all_present) if not ok], "per_video": per}
+            "missed": [i for i, ok in enumerate(all_present) if not ok], "per_video": per,
+            **({} if attributes is None else _colour_shape(per))}
+
+
+def _colour_shape(per: list[dict]) -> dict:
+    each = [f["colour_shape"] for v in per for f in v["subjects"]]
+    every = [all(f["colour_shape"] for f in v["subjects"]) for v in per]
+    return {"all_colour_shape": float(np.mean(every)), "subject_colour_shape": float(np.mean(each)),
+            "missed_colour_shape": [i for i, ok in enumerate(every) if not ok]}
 
 
 def generate_eval(models, pairs=None, *, seed: int = 0, steps: int | None = None, print_fn=None,

@@ -379,6 +379,30 @@ def test_two_subject_metric(refs):
     assert mixed["missed"] == [4, 5, 6] and mixed["all_present"] == 0.75
 
 
+def test_two_subject_colour_and_shape_figure(refs):
+    """The looser two-subject figure (the issue's "with colour and shape", ``attributes=``) on the generator's clips:
+    as generated, every subject counts; a second subject drawn as its sibling (the held-out subject of the same
+    colour and shape, another texture) is missed by identity and kept by colour and shape; drawn as a subject of its
+    colour with another shape it is missed by both."""
+    held = demo.HELD_OUT
+    texture, shape = [], []
+    for p in TWO:
+        b = p["refs"][1]
+        sibling = [j for j, t in enumerate(held) if j != b and (t[0], t[2]) == (held[b][0], held[b][2])]
+        other = [j for j, t in enumerate(held) if t[0] == held[b][0] and t[2] != held[b][2]]
+        texture += [dict(p, subjects=(p["subjects"][0], held[j])) for j in sibling[:1]]
+        shape += [dict(p, subjects=(p["subjects"][0], held[j])) for j in other[:1]]
+    assert len(texture) >= 4 and len(shape) >= 4
+    good = demo.evaluate_multi(demo_eval.two_subject_videos(TWO), refs, TWO, attributes=held)
+    assert good["all_colour_shape"] == 1.0 and good["missed_colour_shape"] == [] and good["all_present"] == 1.0
+    assert "all_colour_shape" not in demo.evaluate_multi(demo_eval.two_subject_videos(TWO[:1]), refs, TWO[:1])
+    for drawn, identity, look in ((texture, 0.0, 1.0), (shape, 0.0, 0.0)):
+        asked = [TWO[p["index"]] for p in drawn]                  # scored against the pairs' own references
+        got = demo.evaluate_multi(demo_eval.two_subject_videos(drawn), refs, asked, attributes=held)
+        assert (got["all_present"], got["all_colour_shape"]) == (identity, look), [p["index"] for p in drawn]
+        assert got["subject_colour_shape"] == (1.0 if look else 0.5)
+
+
 def test_multi_clip_choices_keep_the_other_draws():
     """picks / directions fix those choices and leave every other draw as it was (same clip when they repeat the
     drawn ones); travel < 1 moves each subject by that share of its lane; bad choices are named."""

@@ -123,8 +123,9 @@ def two_subject_report(models, two, refs, seed: int, seeds: int, steps, world: d
         per_seed.append({"seed": seed + SEED_STRIDE * i, **got})
     clips = two_subject_videos(two, world=world)
     mean = {k: float(np.mean([p[k] for p in per_seed])) for k in TWO_HEADLINE}
-    misses = collections.Counter(i for p in per_seed for i in p["missed"])
-    mean["seeds_missed_per_pair"] = {i: misses[i] for i in sorted(misses)}      # which pairs fail, how often
+    for key, name in (("missed", "seeds_missed_per_pair"), ("missed_colour_shape", "seeds_missed_colour_shape")):
+        misses = collections.Counter(i for p in per_seed for i in p[key])
+        mean[name] = {i: misses[i] for i in sorted(misses)}                      # which pairs fail, how often
     return {"per_seed": per_seed, "mean_over_seeds": mean,
             "ground_truth": score(clips), "vae_roundtrip": score(vae_roundtrip(models, clips))}, videos
 
@@ -183,7 +184,7 @@ def _run(bundle, seed, steps, overrides, seeds, start_sigmas, world, ref_dir):
         report["from_clips"].append({"start_sigma": sigma, **{k: got[k] for k in keys}})
     report["generate_s"] = gen_s
     report["seed"] = seed
-    # two held-out subjects per video (issue 24): both present with their colour and shape, each moving as told
+    # two held-out subjects per video (issue 24): both present (and with colour and shape), each moving as told
     two = demo.two_subject_pairs(ref_dir=ref_dir, world=world)
     try:
         report["two_subject"], two_videos = two_subject_report(models, two, refs, seed, seeds, steps, world,
@@ -265,7 +266,8 @@ def evaluate(args) -> None:
               f" ({p['components_per_frame']:.2f} pieces per frame)"
               + (f"; pairs missed {p['missed']} (colour and shape: {p['missed_colour_shape']})" if "missed" in p
                  else "")
-              + (f"; seeds missed per pair {p['seeds_missed_per_pair']}" if "seeds_missed_per_pair" in p else ""))
+              + (f"; seeds missed per pair {p['seeds_missed_per_pair']} (colour and shape: "
+                 f"{p['seeds_missed_colour_shape']})" if "seeds_missed_per_pair" in p else ""))
     for name in ("ground_truth", "vae_roundtrip") if "error" not in ts else ():
         p = ts[name]
         print(f"two subjects, {name.replace('_', ' ')}: both present {p['all_present']:.1%} (colour and shape "

@@ -43,6 +43,8 @@ from hcjax.runtime import enable_compilation_cache
 MODES = {"image": "Reference image", "multi": "Multi-subject", "audio": "Audio", "editing": "Editing"}
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
 SUBJECT_SLOTS = 4                     # reference image inputs of the Multi-subject tab
+UPLOADS = {"ref_image": "image", **{f"ref_{i}": "image" for i in range(SUBJECT_SLOTS)},     # input key -> kind
+           "input_audio": "audio", "input_video": "video", "mask_video": "video"}
 
 
 class UploadError(ValueError):
@@ -296,11 +298,9 @@ def build(engine: Engine):
         gallery.select(on_select, None, [chosen_json, chosen_files], concurrency_limit=None)
 
         for mode, (comps, button, status, video, download) in tab_parts.items():
-            kinds = {"ref_image": "image", "input_audio": "audio", "input_video": "video", "mask_video": "video"}
             for key, comp in comps.items():
-                kind = "image" if key.startswith("ref_") and key[4:].isdigit() else kinds.get(key)     # ref_0..ref_3
-                if kind:
-                    comp.upload(_checker(comp.label, kind), comp, status, concurrency_limit=None)
+                if key in UPLOADS:
+                    comp.upload(_checker(comp.label, UPLOADS[key]), comp, status, concurrency_limit=None)
             button.click(_handler(gr, engine, mode, comps, gallery_items), set(comps.values()),
                          [status, video, download, gallery], concurrency_limit=1, concurrency_id="generate")
         page.load(gallery_items, None, gallery)

@@ -187,6 +187,11 @@ def test_page_structure_and_queue(tmp_path):
     assert len(gen) == 4 and all(d.get("show_progress", "full") != "hidden" for d in gen)
     fns = [page.fns[d["id"]] for d in gen]                      # one shared queue slot for every Generate
     assert all(f.concurrency_limit == 1 and f.concurrency_id == "generate" for f in fns)
+    # every file a user gives is checked on upload: 1 reference, 4 subject slots, reference + audio, reference +
+    # video + mask
+    inputs = {c["id"] for c in comps.values() if c["type"] == "file" and c["props"].get("interactive") is not False}
+    checked = {t[0] for d in cfg["dependencies"] for t in d["targets"] if t[1] == "upload"}
+    assert len(inputs) == 10 and inputs == checked, (len(inputs), inputs ^ checked)
 
 
 def test_multi_tab_reference_layout_reaches_the_request(tmp_path):

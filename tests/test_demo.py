@@ -7,6 +7,7 @@ import colorsys
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def test_bundle_is_committed_small_and_complete():
     assert cfg.dit == demo_cfg.dit and cfg.sample == demo_cfg.sample
     assert cfg.vae.scaling_factor != demo_cfg.vae.scaling_factor       # measured on the data by the build
     assert cfg.dit.depth_double_blocks > 0 and cfg.dit.depth_single_blocks > 0 and cfg.dit.refiner_depth > 0
+    for c in ("dit", "vae", "llava", "clip"):         # no path of the machine that built it
+        text = (bundle / c / "config.json").read_text()
+        assert not re.search(r'"(/|[A-Za-z]:\\\\)', text), (c, re.findall(r'"/[^"]*"', text))
 
 
 def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
@@ -628,6 +632,9 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
     assert len(refs) == 8 and {read_image(p).shape for p in refs} == {(64, 64, 3)}   # placed in columns when encoded
     bundle_cfg = load_checkpoint_config(out / "dit")
     assert bundle_cfg.sample.ref_layout == bundle_cfg.train.data.ref_layout == "columns"
+    for c in ("dit", "vae", "llava", "clip"):         # no path into the build's workdir travels with the bundle
+        assert str(tmp_path) not in (out / c / "config.json").read_text(), c
+    assert bundle_cfg.train.data == load_config(demo.DEMO_CONFIG).train.data
     first = load_params(export_training_params(tmp_path / "run" / "dit" / "checkpoints", tmp_path / "first"))
     bundle = load_params(out / "dit")
     cfg = load_config(demo.DEMO_CONFIG)

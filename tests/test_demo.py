@@ -28,6 +28,7 @@ from hcjax.media import read_image
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import demo_build_time  # noqa: E402
 import demo_eval  # noqa: E402
 
 PAIRS = demo.eval_pairs()
@@ -652,6 +653,19 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
                  (last["dit_two"], load_params(run / "dit_two_2" / "init")), (last["dit_two_2"], bundle)):
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert not (run / "dit_two_3").exists()
+
+
+def test_build_time_projection_of_the_default_recipe():
+    """benchmarks/demo_build_time.py's arithmetic on configs/demo.yaml (6000 VAE steps, 13000 + 6500 DiT steps,
+    15000 two-subject steps), by hand: 0.25 s per VAE / single-subject step, 0.7 s per two-subject step, half the
+    two-subject stage's batches two-subject, loop overhead 1.15, 450 s untimed."""
+    cfg = load_config(demo.DEMO_CONFIG)
+    out = demo_build_time.project(cfg, {"vae": 0.25, "dit": 0.25, "dit_two_subject": 0.7}, 0.5, 450.0, 1.15)
+    want = {"vae": 1725.0, "vae_finetune": 0.0, "dit": 3737.5, "dit_finetune": 1868.75, "dit_two": 8193.75,
+            "other": 450.0}
+    assert out["stages"] == pytest.approx(want) and out["total_s"] == pytest.approx(15975.0)
+    only_single = demo_build_time.project(cfg, {"vae": 0.25, "dit": 0.25, "dit_two_subject": 0.7}, 0.0, 0.0)
+    assert only_single["stages"]["dit_two"] == pytest.approx(3750.0)
 
 
 class _Stop(Exception):

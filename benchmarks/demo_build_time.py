@@ -10,7 +10,7 @@ them two-subject: 0.5 with the default 1200 + 1200 clips). This times each kind 
 build's shapes with the compiled step the build runs (``hcjax.vae_training.make_step``,
 ``hcjax.training.make_train_step``, the config's ``microbatch`` slicing), after warm-up, and multiplies by the
 config's step counts, times ``--loop-overhead`` (default 1.15: the build's own loops, with their data, logging and
-checkpoints, ran 1.17x the VAE step timed here and 1.06-1.14x the DiT step, on the same machine). The other stages
+checkpoints, ran 1.08-1.17x the VAE step timed here and 1.17x the DiT step, on the same machine). The other stages
 (data, text towers, latent encoding) are not timed: ``--other-s`` (default 450 s, what they took in the build of
 2026-12-05). Host speed varies: the same steps took 1.3-1.6x longer on the machine of 2026-12-06 than on the one
 before (README "Demo model").

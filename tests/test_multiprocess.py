@@ -152,6 +152,9 @@ def test_two_processes_train_and_resume_like_one_process(tmp_path, train_data):
     two(6, "--resume")                                   # restores step 4 (written by both) on both processes
     got = losses(tmp_path / "two")
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    # fp32 rounding only: fsdp 4 over two processes reduces in another order than one device, and the difference
+    # grows with the steps (one CI run on 2026-12-06: 1.25e-6 relative at step 6); a wrong resume (step, data
+    # position, optimizer state) moves the loss by orders of magnitude more. Bitwise resume: test_training.
     for step in want:
-        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+        assert abs(got[step] - want[step]) <= 5e-6 * abs(want[step]), (step, got[step], want[step])
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]

@@ -21,6 +21,9 @@ One config for all components: the DiT run's, with the ``vae`` section of the VA
 ``sample.frames`` become the run's largest bucket and ``train.data.num_frames`` (the shapes it was trained on);
 ``--set a.b=v`` overrides anything. The pieces must fit: the VAE's latent channels and compression ratios as in
 the run (its latents), the towers' widths as the DiT's text inputs; any mismatch is an error naming both sides.
+The bundle's ``train.data`` keeps the run's data settings but not its paths into the training machine's files
+(``DataConfig.LOCAL_PATHS`` emptied): a shared bundle names no file of the machine it came from but the DiT run
+in ``export.json``, and training from its config asks for a data path instead of reading a dead one.
 A run trained on the weight-free ``hash`` text stage gets a warning (no tower produces those states).
 
 The bundle is written under ``.OUT.partial-<pid>`` and renamed at the end: a failed or interrupted export leaves
@@ -138,6 +141,7 @@ def export_bundle(dit_run, out, *, vae: str, text_from: str, step: int | None = 
     data["sample"] = {**data["sample"], "video_size": [h, w], "frames": run_cfg.train.data.num_frames}
     cfg = apply_overrides(config_from_json(json.dumps(data)), list(overrides))
     check_fit(cfg, run_cfg, vae, text_from)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=cfg.train.data.without_local_paths()))
     if run_cfg.train.data.text_encoder == "hash":
         print_fn("warning: the run trained on the word-hash text stage (train.data.text_encoder=hash); no text tower "
                  "produces those states, so samples of this bundle follow no prompt")

@@ -46,6 +46,13 @@ def test_train_export_sample(tiny_run):
     cfg = json.loads((out / "dit" / "config.json").read_text())
     assert cfg["sample"]["video_size"] == [32, 32] and cfg["sample"]["frames"] == 9     # the trained shapes
     assert json.loads((out / "export.json").read_text())["step"] == 2
+    # the run's data settings without its paths into this machine's files (the run has train.data.path set)
+    run_data = json.loads((root / "run" / "config.json").read_text())["train"]["data"]
+    assert run_data["path"] == str(root / "cache")
+    for c in ("dit", "vae", "llava", "clip"):
+        data = json.loads((out / c / "config.json").read_text())["train"]["data"]
+        assert data == {**run_data, "path": ""}, (c, data)
+        assert str(root) not in json.dumps(data)
     p = run(["sample.py", "--ckpt-dir", str(out), "--save-path", str(root / "samples"), "--infer-steps", "2"], root)
     assert p.returncode == 0, p.stderr[-3000:]
     mp4s = list((root / "samples").glob("*.mp4"))

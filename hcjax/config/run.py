@@ -126,9 +126,17 @@ class DataConfig:
     clip_weights: str = ""             # default: clip_dir
     whisper_weights: str = ""          # audio models: hcjax Whisper checkpoint dir
 
+    LOCAL_PATHS: typing.ClassVar[tuple[str, ...]] = ("path", "vae_weights", "llava_dir", "clip_dir", "llava_weights",
+                                                     "clip_weights", "whisper_weights")
     MODES: typing.ClassVar[tuple[str, ...]] = ("precomputed", "raw")
     TEXT_ENCODERS: typing.ClassVar[tuple[str, ...]] = ("llava", "hash")
     REF_SOURCES: typing.ClassVar[tuple[str, ...]] = ("auto", "image", "frame")
+
+    def without_local_paths(self) -> "DataConfig":
+        """This section with the paths into one machine's files (``LOCAL_PATHS``) emptied; ``vae_weights: random``
+        (no file) kept. What a shared bundle carries: its data settings without its training machine's paths."""
+        return dataclasses.replace(self, **{f: "" for f in self.LOCAL_PATHS
+                                            if not (f == "vae_weights" and self.vae_weights == "random")})
 
     def validate(self, where: str = "train.data") -> None:
         if self.mode not in self.MODES:

@@ -13,7 +13,7 @@ config's step counts, times ``--loop-overhead`` (default 1.15: the build's own l
 checkpoints, ran 1.08-1.17x the VAE step timed here and 1.17x the DiT step, on the same machine). The other stages
 (data, text towers, latent encoding) are not timed: ``--other-s`` (default 450 s, what they took in the build of
 2026-12-05). Host speed varies: the same steps took 1.3-1.6x longer on the machine of 2026-12-06 than on the one
-before (README "Demo model").
+before (docs/demo.md).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def test_bundle_is_committed_small_and_complete():
 
 def test_demo_model_keeps_the_subject_and_follows_the_prompt(refs):
     """The trained demo on all held-out pairs and the two-subject pairs with fixed seeds (measured figures: see
-    README 'Demo model')."""
+    README 'Demo model', docs/demo.md)."""
     models = demo.load_demo()
     videos = demo.generate_eval(models, PAIRS, seed=0)
     r = demo.evaluate_videos(videos, refs, DIRS, COLORS)

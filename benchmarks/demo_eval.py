@@ -255,6 +255,10 @@ def main(argv=None) -> int:
 
 def evaluate_vae(args) -> None:
     """``--vae``: the report of :func:`vae_check`, printed (``--json``: written)."""
+    given = [f for f, on in (("--seeds", args.seeds != 1), ("--seed", args.seed != 0), ("--steps", args.steps),
+                             ("--start-sigma", args.start_sigma), ("--set", args.set), ("--strip", args.strip)) if on]
+    if given:
+        raise ValueError(f"--vae checks the VAE alone (no DiT sampling): {', '.join(given)} do not apply")
     r = vae_check(args.vae, args.bundle)
     rt, rr, two = r["vae_roundtrip"], r["reference_roundtrip"], r["two_subject_vae_roundtrip"]
     print(f"VAE {args.vae}: the generator's clips of the {r['n']} held-out pairs through it: identity "

@@ -362,6 +362,10 @@ def test_vae_check_tells_the_trained_vae_from_a_random_one(tmp_path, capsys):
     assert demo_eval.main(["--vae", str(tmp_path / "nothing")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "not an hcjax checkpoint" in err[0] and "nothing" in err[0], err
+    assert demo_eval.main(["--vae", str(run), "--seeds", "3", "--strip", str(tmp_path / "strip")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--seeds, --strip do not apply" in err[0], err
+    assert not (tmp_path / "strip").exists()
 
 
 TWO = demo.two_subject_pairs()

@@ -259,7 +259,6 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
         _stage("vae_finetune", vae_run / "params", lambda: vae_training.train_vae(
             fcfg, vae_run, resume=True, print_fn=print_fn, progress=False), print_fn)
     scale = load_checkpoint_config(vae_run / "params").vae.scaling_factor
-    given_data = cfg.train.data
     dc = dataclasses.replace(cfg.train.data, vae_weights=str(vae_run / "params"), llava_dir=str(text / "llava"),
                              clip_dir=str(text / "clip"), path=str(cache))
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale),
@@ -305,8 +304,8 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     shutil.copytree(text / "llava", tmp / "llava")
     shutil.copytree(text / "clip", tmp / "clip")
     # the bundle's configs are the training config (with the measured VAE scaling), not the text tower defaults;
-    # its data section as given: the paths into this build's workdir mean nothing beside the bundle
-    shipped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=given_data))
+    # its data section without the paths into this build's workdir (they mean nothing beside the bundle)
+    shipped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=cfg.train.data.without_local_paths()))
     for c in ("dit", "vae", "llava", "clip"):
         (tmp / c / "config.json").write_text(json.dumps(dataclasses.asdict(shipped), indent=2))
     world.save(tmp)

@@ -1,9 +1,10 @@
 """How long ``python -m demo build`` will take on this machine, from a few timed steps (about two minutes).
 
-    python benchmarks/demo_build_time.py [--set A.B=V ...] [--steps 20] [--two-fraction 0.5]
+    python benchmarks/demo_build_time.py [--set A.B=V ...] [--train-vae] [--steps 20] [--two-fraction 0.5]
                                          [--loop-overhead 1.15] [--json out.json]
 
-The build's time is almost all training steps: the VAE stage (``vae_train.steps``), the DiT stages (``train.steps``
+The build's time is almost all training steps: the VAE stage (``vae_train.steps``; only with ``--train-vae``, as
+the build: by default it keeps the committed VAE frozen), the DiT stages (``train.steps``
 and ``train.finetune_steps``, single-subject 64x64 batches) and the two-subject stage (``train.two_subject_steps``
 x ``train.two_subject_restarts``, batches from the single- and the 64x128 two-subject clips; ``--two-fraction`` of
 them two-subject: 0.5 with the default 1200 + 1200 clips). This times each kind of step on random inputs of the
@@ -40,11 +41,13 @@ from hcjax.data import TrainBatch  # noqa: E402
 BUDGET_S = 3 * 3600
 
 
-def project(cfg: Config, seconds: dict, two_fraction: float, other_s: float, overhead: float = 1.0) -> dict:
+def project(cfg: Config, seconds: dict, two_fraction: float, other_s: float, overhead: float = 1.0,
+            train_vae: bool = False) -> dict:
     """Stage seconds from per-step seconds ``seconds`` (``vae``, ``dit``, ``dit_two_subject``), each step's time
-    times ``overhead``; ``other_s`` for the untimed stages."""
+    times ``overhead``; ``other_s`` for the untimed stages. The VAE stages count only with ``train_vae`` (the
+    build's ``--train-vae``)."""
     tc = cfg.train
-    vae, single = overhead * seconds["vae"], overhead * seconds["dit"]
+    vae, single = overhead * seconds["vae"] * train_vae, overhead * seconds["dit"]
     two = (1 - two_fraction) * single + two_fraction * overhead * seconds["dit_two_subject"]
     stages = {"vae": cfg.vae_train.steps * vae,
               "vae_finetune": cfg.vae_train.finetune_steps * vae,
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(demo.DEMO_CONFIG))
     ap.add_argument("--set", action="append", default=[], metavar="A.B=V", help="config override (as the build)")
+    ap.add_argument("--train-vae", action="store_true", help="the build trains its VAE (python -m demo build "
+                    "--train-vae) instead of keeping the committed one frozen")
     ap.add_argument("--steps", type=int, default=20, help="timed steps of each kind after 3 warm-up steps")
     ap.add_argument("--two-fraction", type=float, default=0.5,
                     help="share of two-subject batches in the two-subject stage")
@@ -121,10 +126,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    seconds = {"vae": time_vae_step(cfg, args.steps), "dit": time_dit_step(cfg, args.steps, 1)}
+    seconds = {"vae": time_vae_step(cfg, args.steps) if args.train_vae else 0.0,
+               "dit": time_dit_step(cfg, args.steps, 1)}
     seconds["dit_two_subject"] = time_dit_step(cfg, args.steps, 2) if cfg.train.two_subject_steps else 0.0
-    out = project(cfg, seconds, args.two_fraction, args.other_s, args.loop_overhead)
-    print("step time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()))
+    out = project(cfg, seconds, args.two_fraction, args.other_s, args.loop_overhead, args.train_vae)
+    print("step time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items() if v))
     for k, v in out["stages"].items():
         if v:
             print(f"  {k:13s} {v:7.0f} s")

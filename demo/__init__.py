@@ -10,14 +10,14 @@ measures the model (:mod:`.evaluate`). The subjects, held-out split, captions an
 from .build import build, crop_start, make_dataset, make_llava_tokenizer, make_text_towers, tokenizer_corpus
 from .evaluate import (centroid, components, descriptor, distance, evaluate_multi, evaluate_videos, foreground,
                        generate_eval, load_demo, pieces, silhouette)
-from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, DEMO_WORLD, EVAL_PROMPT, FRAMES, HELD_OUT, PHRASES,
-                       REF_RADIUS, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, TWO_SIZE, TWO_TEMPLATES,
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, DEMO_VAE, DEMO_WORLD, EVAL_PROMPT, FRAMES, HELD_OUT,
+                       PHRASES, REF_RADIUS, SIZE, SUBJECTS, TEMPLATES, TRAIN_SUBJECTS, TRAVEL, TWO_SIZE, TWO_TEMPLATES,
                        WORLD_FILE, World, caption, caption_two, committed_ref_radius, eval_pairs, random_color,
                        reference_image, seen_pairs, subject_name, two_subject_pairs, world_references,
                        write_eval_references)
 
 __all__ = [
-    "DEMO_BUNDLE", "DEMO_CONFIG", "DEMO_DIR", "DEMO_WORLD", "EVAL_PROMPT", "FRAMES", "HELD_OUT", "PHRASES",
+    "DEMO_BUNDLE", "DEMO_CONFIG", "DEMO_DIR", "DEMO_VAE", "DEMO_WORLD", "EVAL_PROMPT", "FRAMES", "HELD_OUT", "PHRASES",
     "REF_RADIUS", "SIZE", "SUBJECTS", "TEMPLATES", "TRAIN_SUBJECTS", "TRAVEL", "TWO_SIZE", "TWO_TEMPLATES",
     "WORLD_FILE", "World",
     "build", "caption", "caption_two", "centroid", "committed_ref_radius", "components", "crop_start", "descriptor",

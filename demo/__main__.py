@@ -11,7 +11,7 @@ from pathlib import Path
 from hcjax.cli import run_cli
 
 from .build import build
-from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, DEMO_WORLD, World, write_eval_references
+from .subjects import DEMO_BUNDLE, DEMO_CONFIG, DEMO_DIR, DEMO_VAE, DEMO_WORLD, World, write_eval_references
 
 
 def main(argv=None) -> int:
@@ -25,8 +25,12 @@ def main(argv=None) -> int:
     b.add_argument("--num-clips", type=int, default=1200)
     b.add_argument("--two-subject", type=float, default=0.0, metavar="F",
                    help="share of two-subject training clips (default 0: single-subject only)")
-    b.add_argument("--vae", default=None, metavar="DIR",
-                   help="a trained demo VAE used frozen instead of training one (e.g. assets/demo/model/vae)")
+    v = b.add_mutually_exclusive_group()
+    v.add_argument("--vae", default=str(DEMO_VAE), metavar="DIR",
+                   help="the trained demo VAE the build keeps frozen (default: the committed one, "
+                        "assets/demo/model/vae)")
+    v.add_argument("--train-vae", action="store_true",
+                   help="train the VAE from nothing in the build (vae_train: section) instead")
     d = DEMO_WORLD
     b.add_argument("--subject-radius", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help=f"single-subject clips: subject radius range, fraction of the frame (default "
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
                      "two_subject_clips": args.two_subject_clips}
             world = dataclasses.replace(world, **{k: v for k, v in given.items() if v is not None})
             build(args.workdir, args.out, config=args.config, num_clips=args.num_clips,
-                  two_subject=args.two_subject, vae=args.vae, dit=args.dit, world=world, overrides=args.set,
+                  two_subject=args.two_subject,
+                  vae=None if args.train_vae else args.vae, dit=args.dit, world=world, overrides=args.set,
                   overwrite=args.overwrite, print_fn=lambda s: print(s, flush=True))
         else:
             print("\n".join(str(x) for x in write_eval_references(Path(args.out))))

@@ -1,5 +1,6 @@
 """Building the demo model: ``python -m demo build --workdir RUN`` runs the committed bundle's recipe
-(``configs/demo.yaml`` in :data:`~demo.subjects.DEMO_WORLD`) from nothing into ``assets/demo/model``.
+(``configs/demo.yaml`` in :data:`~demo.subjects.DEMO_WORLD`) into ``assets/demo/model``: from nothing but the VAE,
+trained once and kept frozen (``--train-vae`` trains that too).
 
 Stages (each skipped when its output in ``RUN`` exists, so an interrupted build continues; a training stage,
 VAE or DiT, interrupted midway continues from its last checkpoint):
@@ -9,9 +10,10 @@ VAE or DiT, interrupted midway continues from its last checkpoint):
               appear in training (they are the evaluation set);
 2. ``text``   the text towers: a LLaVA BPE tokenizer trained on the prompt template and the synthetic captions,
               the bundled char-level CLIP tokenizer, and seeded random (frozen) LLaVA / CLIP text weights;
-3. ``vae``    the 3D causal VAE trained from scratch (``train.py --stage vae``), then ``vae_finetune``: a second
-              run from those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer); or,
-              with ``--vae DIR``, a VAE trained once before, copied and kept frozen;
+3. ``vae``    the VAE trained once and kept frozen: by default the committed bundle's
+              (:data:`~demo.subjects.DEMO_VAE`), or ``--vae DIR``, copied; with ``--train-vae`` the 3D
+              causal VAE trained from scratch (``train.py --stage vae``), then ``vae_finetune``: a second run from
+              those weights (``vae_train.finetune_steps``, a warm restart with a fresh optimizer);
 4. ``latents`` :func:`hcjax.data.encode.precompute` with that VAE and those text towers;
 5. ``dit``    :func:`hcjax.training.train` (flow matching) on the cached latents, then ``dit_finetune``: with
               ``train.finetune_steps``, a second run from the first one's EMA params (a warm restart: fresh
@@ -45,7 +47,7 @@ from hcjax.media import write_video
 from hcjax.models import TINY_TOKENIZERS
 from hcjax.models.text import load_text_encoders
 
-from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_WORLD, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES,
+from .subjects import (DEMO_BUNDLE, DEMO_CONFIG, DEMO_VAE, DEMO_WORLD, FRAMES, PHRASES, SIZE, SUBJECTS, TEMPLATES,
                        TRAIN_SUBJECTS, TRAVEL, TWO_TEMPLATES, WORLD_FILE, World, caption, caption_two, random_color)
 
 
@@ -204,16 +206,37 @@ def _stage(name: str, done: Path, fn, print_fn) -> None:
     print_fn(f"[{name}] done in {time.perf_counter() - t0:.0f}s")
 
 
+def _weight_files(d: Path) -> dict[str, bytes]:
+    """A checkpoint directory's files by relative path, without its top-level ``config.json`` (a bundle rewrites
+    that one; the weights are what makes two VAEs the same)."""
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*"))
+            if f.is_file() and f.relative_to(d) != Path("config.json")}
+
+
+def _check_workdir_vae(vae_run: Path, vae) -> None:
+    """A rerun skips the ``vae`` stage when ``vae_run`` has one: refuse when that is not the VAE asked for."""
+    if not (vae_run / "params").exists():
+        return
+    trained = (vae_run / "checkpoints").exists()
+    if vae is None and not trained:
+        raise ValueError(f"{vae_run} holds a frozen VAE copied by an earlier build; --train-vae needs a new "
+                         "--workdir")
+    if vae is not None and (trained or _weight_files(vae_run / "params") != _weight_files(Path(vae))):
+        raise ValueError(f"{vae_run} holds another VAE than --vae {vae}"
+                         f"{' (trained by an earlier --train-vae build)' if trained else ''}; use a new --workdir")
+
+
 def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | Path = DEMO_CONFIG,
-          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = None,
+          num_clips: int = 1200, two_subject: float = 0.0, vae: str | Path | None = DEMO_VAE,
           dit: str | Path | None = None, world: World = DEMO_WORLD, overrides=(), overwrite: bool = False,
           print_fn=print) -> Path:
     """Run every stage (module docstring) in ``workdir``; write the bundle to ``out``. ``two_subject``: the share
     of two-subject training clips (:func:`make_dataset`; the tokenizer then learns their captions too). ``vae``:
-    a trained demo VAE (an hcjax checkpoint directory, e.g. a bundle's ``vae/``) used frozen instead of the VAE
-    stages (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
-    bundle it comes from). ``dit``: likewise a trained demo DiT taken as the result of the ``dit`` and
-    ``dit_finetune`` stages (the ``dit_two`` stage then starts from it). ``world``: how the clips draw their
+    a trained demo VAE (an hcjax checkpoint directory, e.g. a bundle's ``vae/``; default the committed one) used
+    frozen (its architecture must be the config's; it is copied into ``workdir`` first, so ``out`` may be the
+    bundle it comes from); ``None`` trains one in the VAE stages (``--train-vae``). ``dit``: likewise a trained
+    demo DiT taken as the result of the ``dit`` and ``dit_finetune`` stages (the ``dit_two`` stage then starts
+    from it). ``world``: how the clips draw their
     subjects (:class:`demo.subjects.World`; default the committed bundle's), written into the bundle as
     ``demo.json`` for the evaluation."""
     if not 0.0 <= two_subject < 1.0:
@@ -230,7 +253,9 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
     if vae is not None:
         given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint
         if dataclasses.replace(given, scaling_factor=cfg.vae.scaling_factor) != cfg.vae:
-            raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section")
+            raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section "
+                             "(--train-vae trains one for it)")
+    _check_workdir_vae(workdir / "vae", vae)
     if dit is not None and load_checkpoint_config(dit).dit != cfg.dit:
         raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section")
     if cfg.train.two_subject_steps and not world.two_subject_clips:

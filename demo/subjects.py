@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_DIR = ROOT / "assets" / "demo"
 DEMO_BUNDLE = DEMO_DIR / "model"
+# the VAE trained once (git 754943a) and kept frozen since: every build uses it unless told to train one
+DEMO_VAE = DEMO_BUNDLE / "vae"
 
 SUBJECTS = [(c, t, s) for c in synthetic.COLORS for t in synthetic.TEXTURES for s in synthetic.SHAPES]
 HELD_OUT = [SUBJECTS[i] for i in sorted(np.random.default_rng(2026).choice(len(SUBJECTS), 24, replace=False))]

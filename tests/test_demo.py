@@ -173,13 +173,17 @@ def test_demo_cli(tmp_path):
     assert not (tmp_path / "run").exists()
     # --vae (a VAE trained once, kept frozen): checked before any stage runs
     for bad, msg in ((tmp_path / "refs", "not an hcjax checkpoint"),
-                     (M.DEMO_BUNDLE / "vae", "VAE architecture differs")):
+                     (M.DEMO_BUNDLE / "vae", "VAE architecture differs from the config's vae: section (--train-vae")):
         extra = ["--set", "vae.block_out_channels=[8,16,16]"] if "differs" in msg else []
         r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
                             str(tmp_path / "new"), "--vae", str(bad)] + extra, cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "run").exists() and not (tmp_path / "new").exists()
+    r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "new"), "--vae", str(M.DEMO_BUNDLE / "vae"), "--train-vae"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--train-vae: not allowed with argument --vae" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
                         str(tmp_path / "new"), "--subject-radius", "0.3", "0.2", "--random-colors"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -560,6 +564,24 @@ def test_demo_world_recorded_and_checked(tmp_path):
         demo.build(tmp_path / "run2", tmp_path / "out", dit=M.DEMO_BUNDLE / "dit",
                    overrides=["dit.mlp_width_ratio=2.0"])
     assert not (tmp_path / "run2").exists()
+    # a rerun skips the vae stage when its workdir has one: that VAE must be the one asked for
+    for name, vae, trained, edit, msg in (
+            ("same", demo.DEMO_VAE, False, "config.json", "two_subject_steps=15000 needs two-subject clips"),
+            ("other", demo.DEMO_VAE, False, "weights", "run_other/vae holds another VAE than --vae"),
+            ("trained", demo.DEMO_VAE, True, None, "run_trained/vae holds another VAE .*earlier --train-vae build"),
+            ("frozen", None, False, None, "run_frozen/vae holds a frozen VAE copied .*--train-vae needs a new")):
+        params = tmp_path / f"run_{name}" / "vae" / "params"
+        shutil.copytree(demo.DEMO_VAE, params)
+        if trained:
+            (params.parent / "checkpoints").mkdir()
+        if edit == "config.json":         # a bundle rewrites its configs: the same weights are the same VAE
+            (params / "config.json").write_text((params / "config.json").read_text().replace("\n", " "))
+        elif edit == "weights":
+            f = next(f for f in sorted(params.rglob("*")) if f.is_file() and f.parent.name == "d")
+            f.write_bytes(f.read_bytes() + b"\0")
+        with pytest.raises(ValueError, match=msg):
+            demo.build(tmp_path / f"run_{name}", tmp_path / "out", vae=vae, world=demo.World())
+        assert sorted(p.name for p in (tmp_path / f"run_{name}").iterdir()) == ["vae"]
     (tmp_path / "run" / "data").mkdir(parents=True)
     demo.World().save(tmp_path / "run" / "data")
     with pytest.raises(ValueError, match="run/data was made in another demo world"):
@@ -622,7 +644,8 @@ def test_world_evaluation_references(tmp_path):
 
 
 def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
-    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen, in the default world
+    """``python -m demo build`` through every stage on 8 clips with the committed VAE frozen (the default: no VAE
+    stage trains, the bundle's VAE weights are the committed ones), in the default world
     (the committed bundle's) with 4 two-subject clips (``--two-subject-clips 4``), with ``train.finetune_steps`` and
     two two-subject restarts (``train.two_subject_steps``, ``train.two_subject_restarts=2``): each later DiT run
     starts from exactly the one before's result (and at a learning rate of 1e-9 their steps leave the params as they
@@ -637,8 +660,7 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
             "train.two_subject_steps=3", "train.two_subject_restarts=2"]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")            # one device, as a user runs it
     r = subprocess.run([sys.executable, "-m", "demo", "build", "--workdir", str(tmp_path / "run"), "--out",
-                        str(tmp_path / "out"), "--num-clips", "8", "--vae", str(M.DEMO_BUNDLE / "vae"),
-                        "--two-subject-clips", "4"]
+                        str(tmp_path / "out"), "--num-clips", "8", "--two-subject-clips", "4"]
                        + [a for s in sets for a in ("--set", s)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -669,6 +691,10 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
     trained = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                   zip(jax.tree.leaves(first), jax.tree.leaves(init)))
     assert moved < 1e-6 < 1e-4 < trained, (moved, trained)
+    assert "[vae] ..." in log and not (tmp_path / "run" / "vae" / "checkpoints").exists()
+    committed = load_params(M.DEMO_BUNDLE / "vae")
+    assert all(np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(load_params(out / "vae")), jax.tree.leaves(committed), strict=True))
     # the chain: each restart starts from exactly the last one's result, and the bundle is the last result
     run = tmp_path / "run"
     last = {s: load_params(export_training_params(run / s / "checkpoints", tmp_path / f"last_{s}"))
@@ -680,14 +706,18 @@ def test_build_end_to_end_with_warm_restarts_and_two_subject_clips(tmp_path):
 
 
 def test_build_time_projection_of_the_default_recipe():
-    """benchmarks/demo_build_time.py's arithmetic on configs/demo.yaml (6000 VAE steps, 13000 + 6500 DiT steps,
-    15000 two-subject steps), by hand: 0.25 s per VAE / single-subject step, 0.7 s per two-subject step, half the
-    two-subject stage's batches two-subject, loop overhead 1.15, 450 s untimed."""
+    """benchmarks/demo_build_time.py's arithmetic on configs/demo.yaml (13000 + 6500 DiT steps, 15000 two-subject
+    steps; the 6000 VAE steps only when the build trains its VAE), by hand: 0.25 s per VAE / single-subject step,
+    0.7 s per two-subject step, half the two-subject stage's batches two-subject, loop overhead 1.15, 450 s
+    untimed."""
     cfg = load_config(demo.DEMO_CONFIG)
     out = demo_build_time.project(cfg, {"vae": 0.25, "dit": 0.25, "dit_two_subject": 0.7}, 0.5, 450.0, 1.15)
-    want = {"vae": 1725.0, "vae_finetune": 0.0, "dit": 3737.5, "dit_finetune": 1868.75, "dit_two": 8193.75,
+    want = {"vae": 0.0, "vae_finetune": 0.0, "dit": 3737.5, "dit_finetune": 1868.75, "dit_two": 8193.75,
             "other": 450.0}
-    assert out["stages"] == pytest.approx(want) and out["total_s"] == pytest.approx(15975.0)
+    assert out["stages"] == pytest.approx(want) and out["total_s"] == pytest.approx(14250.0)
+    trained = demo_build_time.project(cfg, {"vae": 0.25, "dit": 0.25, "dit_two_subject": 0.7}, 0.5, 450.0, 1.15,
+                                      train_vae=True)
+    assert trained["stages"]["vae"] == pytest.approx(1725.0) and trained["total_s"] == pytest.approx(15975.0)
     only_single = demo_build_time.project(cfg, {"vae": 0.25, "dit": 0.25, "dit_two_subject": 0.7}, 0.0, 0.0)
     assert only_single["stages"]["dit_two"] == pytest.approx(3750.0)
 
@@ -712,7 +742,8 @@ def test_build_continues_an_interrupted_vae_stage(tmp_path):
             if s.startswith(stop_at):
                 raise _Stop(s)
         with pytest.raises(_Stop):
-            demo.build(workdir, tmp_path / "out", num_clips=4, world=world, overrides=sets, print_fn=print_fn)
+            demo.build(workdir, tmp_path / "out", num_clips=4, world=world, overrides=sets, print_fn=print_fn,
+                       vae=None)
         return log
 
     log = run(tmp_path / "run", "vae step 3")          # interrupted after the step-2 checkpoint

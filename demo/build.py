@@ -251,7 +251,10 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
                              f"this build's ({world}); use a new --workdir")
     cfg = load_config(config, overrides)
     if vae is not None:
-        given = load_checkpoint_config(vae).vae       # named error when it is not a checkpoint
+        if not (Path(vae) / "config.json").is_file():
+            raise FileNotFoundError(f"--vae {vae}: not an hcjax checkpoint (missing config.json; a partial clone? "
+                                    "--train-vae trains one)")
+        given = load_checkpoint_config(vae).vae
         if dataclasses.replace(given, scaling_factor=cfg.vae.scaling_factor) != cfg.vae:
             raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section "
                              "(--train-vae trains one for it)")

@@ -582,6 +582,9 @@ def test_demo_world_recorded_and_checked(tmp_path):
         with pytest.raises(ValueError, match=msg):
             demo.build(tmp_path / f"run_{name}", tmp_path / "out", vae=vae, world=demo.World())
         assert sorted(p.name for p in (tmp_path / f"run_{name}").iterdir()) == ["vae"]
+    with pytest.raises(FileNotFoundError, match="nothing: not an hcjax checkpoint .*--train-vae trains one"):
+        demo.build(tmp_path / "run_x", tmp_path / "out", vae=tmp_path / "nothing")     # e.g. a partial clone
+    assert not (tmp_path / "run_x").exists()
     (tmp_path / "run" / "data").mkdir(parents=True)
     demo.World().save(tmp_path / "run" / "data")
     with pytest.raises(ValueError, match="run/data was made in another demo world"):

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 TINY_TOKENIZERS = ROOT / "assets" / "tiny_tokenizers"
 DEFAULT_CONFIG = PRESET_DIR / "default_tiny.yaml"      # random-weights preset (tests, pipeline smoke runs)
 DEMO_BUNDLE = ROOT / "assets" / "demo" / "model"       # the embedded default
-DEMO_HINT = ("recreate it with `python -m demo build --workdir RUN` (about an hour on a 2-core CPU; "
+DEMO_HINT = ("recreate it with `python -m demo build --workdir RUN --train-vae` (3 to 5 hours on a 2-core CPU; "
              "see README 'Demo model'), or pass --ckpt-dir, or --config configs/default_tiny.yaml for random weights")
 COMPONENTS = ("dit", "vae", "llava", "clip")
 

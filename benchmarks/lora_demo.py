@@ -64,7 +64,7 @@ def subject_clips(out: Path, subject, n: int, seed: int = 0, world: demo.World =
 def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: Path = demo.DEMO_DIR,
              first_seed: int = 0) -> dict:
     """Share of videos (4 directions x ``seeds``) of held-out subject ``index`` identified as that subject
-    (references ``ref_dir/subject_NN.png``; sampling seeds ``first_seed + 1000 s + index``)."""
+    (references ``ref_dir/subject_NN.png``; sampling seeds ``first_seed + 1000 s + index``; 64x64, the clips' size)."""
     refs = [demo.descriptor(read_image(ref_dir / f"subject_{i:02d}.png")) for i in range(len(demo.HELD_OUT))]
     sc = models.cfg.sample
     hits, rows = [], []
@@ -72,7 +72,7 @@ def identity(models, index: int, seeds: int, steps: int | None = None, ref_dir: 
         for d in synthetic.DIRECTIONS:
             req = Request(ref_image=str(ref_dir / f"subject_{index:02d}.png"),
                           pos_prompt=demo.EVAL_PROMPT.format(p=demo.PHRASES[d][1]), item_name="object",
-                          video_size=tuple(sc.video_size), frames=sc.frames, steps=steps or sc.steps,
+                          video_size=(demo.SIZE, demo.SIZE), frames=sc.frames, steps=steps or sc.steps,
                           flow_shift=sc.flow_shift, cfg_scale=sc.cfg_scale, ip_cfg_scale=sc.ip_cfg_scale,
                           seed=first_seed + 1000 * s + index, fps=sc.fps)
             frames = np.asarray(generate(models, req)[0])

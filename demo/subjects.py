@@ -175,10 +175,12 @@ def reference_image(subject, size: int = SIZE, radius: float = REF_RADIUS) -> np
 
 
 def _pair(i: int, subject, ref_image: Path) -> dict:
-    """Evaluation pair ``i``: the subject, a direction (cycling over the four) and the eval prompt."""
+    """Evaluation pair ``i``: the subject, a direction (cycling over the four) and the eval prompt, at the
+    single-subject clips' size (not the bundle's sampling default: ``hcjax.export`` sets that to a run's largest
+    bucket, 64x128 for a run with two-subject clips)."""
     d = list(synthetic.DIRECTIONS)[i % 4]
     return {"index": i, "subject": subject, "direction": d, "prompt": EVAL_PROMPT.format(p=PHRASES[d][1]),
-            "ref_image": ref_image}
+            "ref_image": ref_image, "video_size": (SIZE, SIZE)}
 
 
 def eval_pairs(ref_dir: Path = DEMO_DIR) -> list[dict]:

@@ -82,6 +82,20 @@ def time_vae_step(cfg: Config, steps: int) -> float:
     return _time(run, steps)
 
 
+# The longest prompt of the build's clips in text tokens (text_mask sums; 2026-12-06): single-subject 20,
+# two-subject 52, of llava.text_len plus 3 per reference image (its 4 CLIP patch features replace one <image>).
+PROMPT_TOKENS = {1: 20, 2: 52}
+
+
+def text_tokens(cfg: Config, subjects: int) -> tuple[int, int]:
+    """``(text length, valid tokens)`` of a batch of ``subjects``-subject clips as the build's steps see it: the
+    data's whole length, or with ``train.text_bucket`` the longest prompt rounded up to the bucket."""
+    c = cfg.clip_vision
+    full = cfg.llava.text_len + subjects * ((c.image_size // c.patch_size) ** 2 - 1)
+    valid, bucket = PROMPT_TOKENS[subjects], cfg.train.text_bucket
+    return (min(full, -(-valid // bucket) * bucket) if bucket else full), valid
+
+
 def time_dit_step(cfg: Config, steps: int, subjects: int) -> float:
     """One DiT train step on a batch of ``subjects``-subject clips (1: the 64x64 bucket, 2: side by side)."""
     mesh, rules = training.make_mesh(cfg, jax.devices()[:1]), sharding.rules_for(name="default")
@@ -93,17 +107,20 @@ def time_dit_step(cfg: Config, steps: int, subjects: int) -> float:
     t = (cfg.train.data.num_frames - 1) // 4 + 1
     lat = (t, h // cfg.vae.spatial_compression_ratio, subjects * w // cfg.vae.spatial_compression_ratio,
            d.in_channels)
-    s = cfg.llava.text_len
+    s, valid = text_tokens(cfg, subjects)
 
     def f(*shape):
         return rng.standard_normal(shape).astype(np.float32)
+
+    def mask(n):
+        return (np.arange(s) < n).astype(np.int32)
     arrays = dict(latents=f(b, *lat), ref_latents=f(b, subjects, *lat[1:]), null_ref_latents=f(b, subjects, *lat[1:]),
-                  text_states=f(b, s, d.text_states_dim), text_mask=np.ones((b, s), np.int32),
+                  text_states=f(b, s, d.text_states_dim), text_mask=np.repeat(mask(valid)[None], b, 0),
                   text_states_2=f(b, d.text_states_dim_2))
     if subjects > 1:
         arrays["ref_mask"] = np.ones((b, subjects), np.int32)
     batch = training.to_global(TrainBatch.from_arrays(arrays), mesh, rules)
-    null = training.device_null({"text_states": f(s, d.text_states_dim), "text_mask": np.ones((s,), np.int32),
+    null = training.device_null({"text_states": f(s, d.text_states_dim), "text_mask": mask(7),    # the empty prompt
                                  "text_states_2": f(d.text_states_dim_2)}, mesh)
 
     def run():

@@ -207,7 +207,7 @@ COMPONENT_SECTIONS = {"dit": ("dit",), "vae": ("vae",), "llava": ("llama", "clip
                       "whisper": ("whisper",)}
 _EXECUTION_ONLY = {"dtype", "param_dtype", "sample_size", "sample_tsize", "tile_overlap_factor", "attention",
                    "attention_block_q", "attention_block_kv", "sequence_parallel", "attention_interpret", "remat",
-                   "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk"}
+                   "unroll_layers", "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk"}
 
 
 def check_bundle_configs(bundle: str | Path, cfg: Config, components) -> None:
@@ -413,7 +413,7 @@ def export_training_params(checkpoints: str | Path, out: str | Path, *, step: in
 
 # DiT fields that only change how the model executes, not its parameters.
 _EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "sequence_parallel",
-                     "ulysses_degree", "attention_interpret", "remat"}
+                     "ulysses_degree", "attention_interpret", "remat", "unroll_layers"}
 
 
 def dit_differences(saved_dit: dict, cfg: Config) -> tuple[list[str], list[str]]:

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -438,6 +439,30 @@ def to_global(batch: TrainBatch, mesh, rules) -> TrainBatch:
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sh, np.asarray(v)), batch)
 
 
+def text_cut(batch: TrainBatch, null: dict, bucket: int) -> int:
+    """Text tokens to keep: past the last valid token of any sample of ``batch`` (this host's) and of ``null``,
+    rounded up to a multiple of ``bucket``, at most the data's length; the maximum over all processes (one global
+    shape). The DiT masks padded text keys (``kv_lengths``), so cutting them changes nothing but rounding."""
+    mask = np.asarray(batch.text_mask) != 0
+    full = mask.shape[1]
+    rows = np.concatenate([mask, np.asarray(null["text_mask"]).reshape(1, full) != 0])
+    last = np.where(rows.any(axis=1), full - np.argmax(rows[:, ::-1], axis=1), 0)
+    n = min(full, -(-max(int(last.max()), 1) // bucket) * bucket)
+    if jax.process_count() > 1:
+        n = int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
+    return n
+
+
+def cut_text(text, n: int):
+    """A :class:`TrainBatch` (``[B, S, ...]``) or the null dict (``[S, ...]``) with its first ``n`` text tokens."""
+    if isinstance(text, TrainBatch):
+        if np.shape(text.text_mask)[1] == n:
+            return text
+        return text.replace(text_states=np.asarray(text.text_states)[:, :n],
+                            text_mask=np.asarray(text.text_mask)[:, :n])
+    return {**text, "text_states": np.asarray(text["text_states"])[:n], "text_mask": np.asarray(text["text_mask"])[:n]}
+
+
 def device_null(null: dict, mesh) -> dict:
     return jax.device_put({k: np.asarray(null[k]) for k in NULL_KEYS}, NamedSharding(mesh, P()))
 
@@ -536,7 +561,9 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
     (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     loader = Loader(cfg, start_step=start, read_skips=int(data_state.get("read_skips", 0)))
-    null = device_null(_null_conditioning(cfg, loader, encoders), mesh)
+    null_host = _null_conditioning(cfg, loader, encoders)
+    text_len = np.shape(null_host["text_mask"])[-1]
+    nulls = {text_len: device_null(null_host, mesh)}              # by text length (train.text_bucket)
     base = load_base(cfg, mesh, rules) if tc.lora.enabled else None
     step_fn = make_train_step(cfg, optimizer, mesh, rules, base=base)
     metrics_log = MetricsLog(workdir)
@@ -553,7 +580,10 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
             if encoders is not None:
                 batch = encoders.encode(batch)
             tokens = video_tokens(cfg, np.shape(batch.latents)) * jax.process_count()
-            state, m = step_fn(state, to_global(batch, mesh, rules), null)
+            n = text_cut(batch, null_host, tc.text_bucket) if tc.text_bucket else text_len
+            if n not in nulls:
+                nulls[n] = device_null(cut_text(null_host, n), mesh)
+            state, m = step_fn(state, to_global(cut_text(batch, n), mesh, rules), nulls[n])
             m = jax.device_get(m)
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now

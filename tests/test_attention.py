@@ -142,6 +142,31 @@ def test_cpu_kernel_equals_reference(monkeypatch, shift_bound, length, lens, bud
     assert np.isfinite(got).all() and err <= TOL
 
 
+@pytest.mark.parametrize("budget, group", [(24 * 24 * 2, 2), (24 * 24 * 6, 6), (24 * 24 * 5, 3), (24 * 20, 1)])
+def test_cpu_kernel_head_groups(monkeypatch, budget, group):
+    """Short sequences: whole heads per step (a divisor of B*N within the score budget), values against float64
+    and gradients against the chunked kernel; a budget under one head's scores goes back to row blocks."""
+    monkeypatch.setattr(A, "CPU_SCORES_PER_STEP", budget)
+    monkeypatch.setattr(A, "CPU_MIN_BLOCK_Q", 8)
+    q, k, v = qkv(2, 24, 3, 8, seed=21)
+    kv = jnp.asarray([[24, 3, 7], [13, 0, 0]], jnp.int32)
+    assert A.cpu_heads_per_step(6, 24, 24) == group
+    assert A.cpu_block_q(24, 24) == (24 if group > 1 else 16)
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.cpu_attention.__wrapped__(*a, kv))(q, k, v))
+    assert f"f32[{group},{24 if group > 1 else 16},24]" in jaxpr                     # one step's scores
+    got = np.asarray(A.cpu_attention.__wrapped__(q, k, v, kv))
+    err = float(np.abs(got - _hole_reference(q, k, v, kv)).max())
+    assert err <= TOL, err
+    w = jnp.arange(24.0)[None, :, None, None]
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2 * w), (0, 1, 2))(q, k, v)
+
+    got_g = grads(lambda *a: A.cpu_attention.__wrapped__(*a, kv))
+    want_g = grads(lambda *a: A.chunked_attention(*a, kv, block_q=8, block_kv=8))
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(got_g, want_g)) <= 1e-4
+
+
 def test_cpu_kernel_large_scores_holes_and_bf16(monkeypatch):
     """Scores far beyond the shift bound (|s| ~ 1e3: the row-max path runs, no overflow), key holes ([B, 3] rows)
     and bf16 inputs, all against float64."""
@@ -168,7 +193,7 @@ def test_cpu_dispatch_by_length(monkeypatch):
     big = jax.ShapeDtypeStruct((1, 3620, 8, 64), jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda *a: A.dot_product_attention(*a, kv_lengths=jnp.asarray([3500]), impl="xla"))(
         big, big, big))                                                              # traced only
-    assert "cpu_attention" in jaxpr and "f32[280,3620]" in jaxpr                   # one head x 280 rows
+    assert "cpu_attention" in jaxpr and "f32[1,280,3620]" in jaxpr                 # one head x 280 rows
     assert "3620,3620]" not in jaxpr
     q, k, v = qkv(1, 40, 2, 8, seed=2)
     kv = jnp.asarray([31])

@@ -238,6 +238,38 @@ def test_microbatch_step_equals_the_whole_batch_objective(grad_setup):
         training.check_batch(tiny_cfg("train.batch_size=8", "train.microbatch=2"), mesh_of((2, 2, 1, 1)))
 
 
+def test_text_bucket_cuts_padding_and_keeps_the_step(grad_setup):
+    """train.text_bucket: the text cut after the last valid token of the batch and of the null text (rounded up to
+    the bucket) gives the loss and gradients of the full-length step (the DiT masks the padded keys), and the cut
+    is computed from the masks, not assumed (a late valid token, the null's own length)."""
+    cfg, params, batch, null = grad_setup
+    s = batch.text_mask.shape[1]
+    mask = np.zeros_like(batch.text_mask)
+    mask[:, :3] = 1
+    mask[1, :5] = 1
+    short = batch.replace(text_mask=mask)
+    assert training.text_cut(short, null, 4) == 8                 # last valid token 5 -> 8
+    assert training.text_cut(short, null, 1) == 5
+    assert training.text_cut(short, null, 4 * s) == s             # never past the data's length
+    late = mask.copy()
+    late[2, s - 2] = 1                                            # a valid token near the end keeps the text whole
+    assert training.text_cut(short.replace(text_mask=late), null, 4) == s
+    long_null = {**null, "text_mask": (np.arange(s) < 6).astype(np.int32)}
+    assert training.text_cut(short, long_null, 1) == 6
+    n = training.text_cut(short, null, 4)
+    cut, cut_null = training.cut_text(short, n), training.cut_text(null, n)
+    assert cut.text_states.shape[1] == cut_null["text_states"].shape[0] == n < s
+    np.testing.assert_array_equal(cut_null["text_states_2"], null["text_states_2"])
+    _, full = run_step(cfg, params, short, null, (1, 1, 1, 1))
+    _, trimmed = run_step(cfg, params, cut, cut_null, (1, 1, 1, 1))
+    np.testing.assert_allclose(trimmed["loss"], full["loss"], rtol=1e-5)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(full["grads"]))
+    for a, b in zip(jax.tree.leaves(trimmed["grads"]), jax.tree.leaves(full["grads"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ConfigError, match=r"text_bucket=-1 must be >= 0"):
+        tiny_cfg("train.text_bucket=-1")
+
+
 def test_nonfinite_step_keeps_state(grad_setup):
     """A NaN in the batch: the step reports finite=False and returns the state unchanged (uses the 1-device
     program compiled above: same shapes)."""

@@ -235,7 +235,8 @@ def run_stack(parent: nn.Module, block_cls, cfg: DiTConfig, name: str, length: i
 
     At init the stack is created with ``nn.scan`` (leading ``layers`` axis). At apply time the same stacked
     params are read from ``parent.variables`` and scanned with ``jax.lax.scan`` over layer indices, which lets
-    callers run any sub-range of layers without copying the stack.
+    callers run any sub-range of layers without copying the stack. ``cfg.unroll_layers`` unrolls that scan
+    (straight-line code: no per-layer slicing of the stack, nor of its gradient in the backward pass).
     """
     lo, hi = layers if layers is not None else (0, length)
     if parent.is_initializing():
@@ -268,5 +269,5 @@ def run_stack(parent: nn.Module, block_cls, cfg: DiTConfig, name: str, length: i
     if name in STACKS and cfg.cpu_offload:
         (carry, _), _ = jax.lax.scan(body, (carry, fetch(lo)), jnp.arange(lo, hi))
         return carry
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(lo, hi))
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(lo, hi), unroll=bool(cfg.unroll_layers))
     return carry

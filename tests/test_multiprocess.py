@@ -4,7 +4,9 @@ localhost ``jax.distributed`` coordinator and gloo collectives (``hcjax.runtime.
 * ``sample.py --coordinator ... --mesh 1 2 2 1``: exactly one MP4 (process 0 writes), and the pipeline API on the
   same 4-device mesh gives every process the one-device latents (1e-5 relative) and frames (1/255);
 * ``train.py`` for 4 steps across the 2 processes: the losses of a one-process run within 1e-6 relative, and a
-  checkpoint written by the 2 processes restored by 2 processes (``--resume``) continues with the same losses.
+  checkpoint written by the 2 processes restored by 2 processes (``--resume``) continues with the same losses;
+  the two-process runs cut each batch's text to one length agreed by both (``train.text_bucket``), the
+  one-process run keeps the whole text.
 """
 
 from __future__ import annotations
@@ -142,11 +144,11 @@ def test_two_processes_train_and_resume_like_one_process(tmp_path, train_data):
     want = losses(tmp_path / "one")
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
-    def two(steps, *extra):
+    def two(steps, *extra):                   # 9 of 16 text tokens valid: each batch's text cut to 10 (bucket 2)
         addr = f"127.0.0.1:{free_port()}"
         check(launch([train_cmd(tmp_path / "two", train_data, steps, "--coordinator", addr, "--num-processes", "2",
-                                "--process-id", str(i), *extra) for i in range(2)], devices=2,
-                     logs=tmp_path / f"logs_two_{steps}"))
+                                "--process-id", str(i), "--set", "train.text_bucket=2", *extra) for i in range(2)],
+                     devices=2, logs=tmp_path / f"logs_two_{steps}"))
 
     two(4)                                               # 2 processes x 2 devices: fsdp 4 over both processes
     two(6, "--resume")                                   # restores step 4 (written by both) on both processes

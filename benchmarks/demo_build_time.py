@@ -83,18 +83,21 @@ def time_vae_step(cfg: Config, steps: int) -> float:
     return _time(run, steps)
 
 
-# The longest prompt of the build's clips in text tokens (text_mask sums; 2026-12-06): single-subject 20,
-# two-subject 52, of llava.text_len plus 3 per reference image (its 4 CLIP patch features replace one <image>).
-PROMPT_TOKENS = {1: 20, 2: 52}
+# A batch's largest text_mask sum (its longest prompt) in the build's DiT stages, over 1500 batches of each
+# (2026-12-06): single-subject 20 (15-20); two-subject 50 in 93 % of the batches (44-50), 52 in the rest.
+PROMPT_TOKENS = {1: 20, 2: 50}
 
 
-def text_tokens(cfg: Config, subjects: int) -> tuple[int, int]:
-    """``(text length, valid tokens)`` of a batch of ``subjects``-subject clips as the build's steps see it: the
-    data's whole length, or with ``train.text_bucket`` the longest prompt rounded up to the bucket."""
+def text_masks(cfg: Config, subjects: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt, null)`` text masks of the data's whole length in the LLaVA layout (spec 3.3: after the prompt's
+    text, its ``subjects`` image features masked and as many trailing pad slots valid) with
+    ``PROMPT_TOKENS[subjects]`` valid; the null prompt (empty, no image) has 7."""
     c = cfg.clip_vision
-    full = cfg.llava.text_len + subjects * ((c.image_size // c.patch_size) ** 2 - 1)
-    valid, bucket = PROMPT_TOKENS[subjects], cfg.train.text_bucket
-    return (min(full, -(-valid // bucket) * bucket) if bucket else full), valid
+    extra = subjects * ((c.image_size // c.patch_size) ** 2 - 1)       # an image's CLIP patches replace one <image>
+    full = cfg.llava.text_len + extra
+    pos = np.arange(full)
+    prompt = ((pos < PROMPT_TOKENS[subjects] - extra) | (pos >= full - extra)).astype(np.int32)
+    return prompt, (pos < 7).astype(np.int32)
 
 
 def time_dit_step(cfg: Config, steps: int, subjects: int) -> float:
@@ -108,21 +111,21 @@ def time_dit_step(cfg: Config, steps: int, subjects: int) -> float:
     t = (cfg.train.data.num_frames - 1) // 4 + 1
     lat = (t, h // cfg.vae.spatial_compression_ratio, subjects * w // cfg.vae.spatial_compression_ratio,
            d.in_channels)
-    s, valid = text_tokens(cfg, subjects)
+    prompt, null_mask = text_masks(cfg, subjects)
+    s = prompt.shape[0]
 
     def f(*shape):
         return rng.standard_normal(shape).astype(np.float32)
-
-    def mask(n):
-        return (np.arange(s) < n).astype(np.int32)
     arrays = dict(latents=f(b, *lat), ref_latents=f(b, subjects, *lat[1:]), null_ref_latents=f(b, subjects, *lat[1:]),
-                  text_states=f(b, s, d.text_states_dim), text_mask=np.repeat(mask(valid)[None], b, 0),
+                  text_states=f(b, s, d.text_states_dim), text_mask=np.repeat(prompt[None], b, 0),
                   text_states_2=f(b, d.text_states_dim_2))
     if subjects > 1:
         arrays["ref_mask"] = np.ones((b, subjects), np.int32)
-    batch = training.to_global(TrainBatch.from_arrays(arrays), mesh, rules)
-    null = training.device_null({"text_states": f(s, d.text_states_dim), "text_mask": mask(7),    # the empty prompt
-                                 "text_states_2": f(d.text_states_dim_2)}, mesh)
+    host, null = TrainBatch.from_arrays(arrays), {"text_states": f(s, d.text_states_dim), "text_mask": null_mask,
+                                                   "text_states_2": f(d.text_states_dim_2)}
+    n = training.text_cut(host, null, cfg.train.text_bucket) if cfg.train.text_bucket else s     # as train() does
+    batch = training.to_global(training.cut_text(host, n), mesh, rules)
+    null = training.device_null(training.cut_text(null, n), mesh)
 
     def run():
         state["s"], m = step(state["s"], batch, null)

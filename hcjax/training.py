@@ -439,28 +439,47 @@ def to_global(batch: TrainBatch, mesh, rules) -> TrainBatch:
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sh, np.asarray(v)), batch)
 
 
+def _text_order(mask: np.ndarray) -> np.ndarray:
+    """Per row of ``mask [R, S]``: the positions ``[0, sum)`` in place, then the later valid positions, then the
+    rest (stable). The DiT's main attention reads the first ``sum(mask)`` text tokens whatever their mask (the
+    LLaVA layout of spec 3.3 marks image features there as padding and as many trailing pads as valid); the token
+    refiner reads the valid ones as an unordered set (no positions in its attention or mean). So the text in this
+    order, cut after its last needed position, conditions the DiT as the whole text does."""
+    m = mask != 0
+    pos = np.arange(m.shape[1])[None]
+    lead = pos < m.sum(axis=1, keepdims=True)
+    return np.argsort(np.where(lead, 0, np.where(m, 1, 2)), axis=1, kind="stable")
+
+
 def text_cut(batch: TrainBatch, null: dict, bucket: int) -> int:
-    """Text tokens to keep: past the last valid token of any sample of ``batch`` (this host's) and of ``null``,
-    rounded up to a multiple of ``bucket``, at most the data's length; the maximum over all processes (one global
-    shape). The DiT masks padded text keys (``kv_lengths``), so cutting them changes nothing but rounding."""
+    """Text tokens to keep (:func:`cut_text`): for each sample of ``batch`` (this host's) and for ``null``, its
+    ``sum(mask)`` leading tokens plus its valid tokens after them; the longest, rounded up to a multiple of
+    ``bucket``, at most the data's length; the maximum over all processes (one global shape)."""
     mask = np.asarray(batch.text_mask) != 0
     full = mask.shape[1]
     rows = np.concatenate([mask, np.asarray(null["text_mask"]).reshape(1, full) != 0])
-    last = np.where(rows.any(axis=1), full - np.argmax(rows[:, ::-1], axis=1), 0)
-    n = min(full, -(-max(int(last.max()), 1) // bucket) * bucket)
+    count = rows.sum(axis=1)
+    need = count + (rows & (np.arange(full)[None] >= count[:, None])).sum(axis=1)
+    n = min(full, -(-max(int(need.max()), 1) // bucket) * bucket)
     if jax.process_count() > 1:
         n = int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
     return n
 
 
 def cut_text(text, n: int):
-    """A :class:`TrainBatch` (``[B, S, ...]``) or the null dict (``[S, ...]``) with its first ``n`` text tokens."""
-    if isinstance(text, TrainBatch):
-        if np.shape(text.text_mask)[1] == n:
-            return text
-        return text.replace(text_states=np.asarray(text.text_states)[:, :n],
-                            text_mask=np.asarray(text.text_mask)[:, :n])
-    return {**text, "text_states": np.asarray(text["text_states"])[:n], "text_mask": np.asarray(text["text_mask"])[:n]}
+    """A :class:`TrainBatch` (``[B, S, ...]``) or the null dict (``[S, ...]``) with ``n`` text tokens: each
+    sample's tokens in :func:`_text_order`, the first ``n`` (``n`` from :func:`text_cut`: nothing needed is cut)."""
+    batch = isinstance(text, TrainBatch)
+    states, mask = (text.text_states, text.text_mask) if batch else (text["text_states"], text["text_mask"])
+    states, mask = np.asarray(states), np.asarray(mask)
+    if mask.shape[-1] == n:
+        return text
+    order = _text_order(mask.reshape(-1, mask.shape[-1]))[:, :n]
+    states = np.take_along_axis(states.reshape(order.shape[0], -1, states.shape[-1]), order[..., None], axis=1)
+    mask = np.take_along_axis(mask.reshape(order.shape[0], -1), order, axis=1)
+    if batch:
+        return text.replace(text_states=states, text_mask=mask)
+    return {**text, "text_states": states[0], "text_mask": mask[0]}
 
 
 def device_null(null: dict, mesh) -> dict:

@@ -239,26 +239,32 @@ def test_microbatch_step_equals_the_whole_batch_objective(grad_setup):
 
 
 def test_text_bucket_cuts_padding_and_keeps_the_step(grad_setup):
-    """train.text_bucket: the text cut after the last valid token of the batch and of the null text (rounded up to
-    the bucket) gives the loss and gradients of the full-length step (the DiT masks the padded keys), and the cut
-    is computed from the masks, not assumed (a late valid token, the null's own length)."""
+    """train.text_bucket on the LLaVA mask layout (spec 3.3: the image features at the end of the prompt masked,
+    as many trailing pads marked valid): each sample's first sum(mask) tokens kept in place, its later valid tokens
+    moved up behind them, the rest cut; the step's loss and gradients are those of the full text, while the plain
+    prefix of the same length (the trailing valid tokens dropped) changes the step. The cut comes from the masks
+    (the null text's own length, never past the data)."""
     cfg, params, batch, null = grad_setup
     s = batch.text_mask.shape[1]
     mask = np.zeros_like(batch.text_mask)
     mask[:, :3] = 1
     mask[1, :5] = 1
+    mask[:, s - 2:] = 1                                           # sums 5 (7 for sample 1), 2 valid tokens at the end
     short = batch.replace(text_mask=mask)
-    assert training.text_cut(short, null, 4) == 8                 # last valid token 5 -> 8
-    assert training.text_cut(short, null, 1) == 5
+    assert training.text_cut(short, null, 1) == 9                 # sample 1: 7 leading + 2 moved up
+    assert training.text_cut(short, null, 4) == 12
     assert training.text_cut(short, null, 4 * s) == s             # never past the data's length
-    late = mask.copy()
-    late[2, s - 2] = 1                                            # a valid token near the end keeps the text whole
-    assert training.text_cut(short.replace(text_mask=late), null, 4) == s
-    long_null = {**null, "text_mask": (np.arange(s) < 6).astype(np.int32)}
-    assert training.text_cut(short, long_null, 1) == 6
+    assert training.text_cut(short.replace(text_mask=np.where(np.arange(s) < s - 2, mask, 0)), null, 1) == 5
+    long_null = {**null, "text_mask": (np.arange(s) < 10).astype(np.int32)}
+    assert training.text_cut(short, long_null, 1) == 10
     n = training.text_cut(short, null, 4)
     cut, cut_null = training.cut_text(short, n), training.cut_text(null, n)
     assert cut.text_states.shape[1] == cut_null["text_states"].shape[0] == n < s
+    kept = [0, 1, 2, 3, 4, s - 2, s - 1] + list(range(5, 10))   # sample 0: 5 leading, the 2 valid moved up, pads
+    np.testing.assert_array_equal(cut.text_states[0], short.text_states[0, kept])
+    np.testing.assert_array_equal(cut.text_mask[0], mask[0, kept])
+    np.testing.assert_array_equal(cut.text_mask.sum(1), mask.sum(1))
+    np.testing.assert_array_equal(cut_null["text_states"], null["text_states"][:n])
     np.testing.assert_array_equal(cut_null["text_states_2"], null["text_states_2"])
     _, full = run_step(cfg, params, short, null, (1, 1, 1, 1))
     _, trimmed = run_step(cfg, params, cut, cut_null, (1, 1, 1, 1))
@@ -266,6 +272,9 @@ def test_text_bucket_cuts_padding_and_keeps_the_step(grad_setup):
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(full["grads"]))
     for a, b in zip(jax.tree.leaves(trimmed["grads"]), jax.tree.leaves(full["grads"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    prefix = short.replace(text_states=short.text_states[:, :n], text_mask=mask[:, :n])
+    _, naive = run_step(cfg, params, prefix, cut_null, (1, 1, 1, 1))
+    assert abs(float(naive["loss"]) - float(full["loss"])) > 1e-4 * abs(float(full["loss"]))
     with pytest.raises(ConfigError, match=r"text_bucket=-1 must be >= 0"):
         tiny_cfg("train.text_bucket=-1")
 

@@ -211,9 +211,10 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8                # global batch over all hosts; must divide by mesh data * fsdp
     microbatch: int = 0                # samples per DiT forward/backward, gradients averaged (0: the whole batch)
-    text_bucket: int = 0               # > 0: each batch's text cut after its longest prompt, rounded up to a
-                                       # multiple of this (masked padding: same maths, fewer tokens; one compile
-                                       # per length); 0: every batch at the data's full text length
+    text_bucket: int = 0               # > 0: each batch's text cut to its longest prompt (valid tokens moved up
+                                       # ahead of the padding, training.cut_text), rounded up to a multiple of
+                                       # this (same maths, fewer tokens; one compile per length); 0: every batch
+                                       # at the data's full text length
     learning_rate: float = 1e-5
     lr_schedule: str = "cosine"        # cosine | constant (both after a linear warmup)
     warmup_steps: int = 100

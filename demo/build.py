@@ -38,10 +38,11 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from hcjax import training, vae_training
-from hcjax.checkpoint import export_training_params, load_checkpoint_config, random_params, save_params
+from hcjax.checkpoint import (dit_differences, export_training_params, load_checkpoint_config, random_params,
+                              save_params)
 from hcjax.conditioning import clip, llava
 from hcjax.conditioning.llava import PROMPT_TEMPLATE
-from hcjax.config import Config, load_config
+from hcjax.config import Config, load_config, to_dict
 from hcjax.data import encode, synthetic
 from hcjax.media import write_video
 from hcjax.models import TINY_TOKENIZERS
@@ -259,8 +260,9 @@ def build(workdir: str | Path, out: str | Path = DEMO_BUNDLE, *, config: str | P
             raise ValueError(f"--vae {vae}: its VAE architecture differs from the config's vae: section "
                              "(--train-vae trains one for it)")
     _check_workdir_vae(workdir / "vae", vae)
-    if dit is not None and load_checkpoint_config(dit).dit != cfg.dit:
-        raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section")
+    if dit is not None and (errors := dit_differences(to_dict(load_checkpoint_config(dit))["dit"], cfg)[0]):
+        raise ValueError(f"--dit {dit}: its DiT architecture differs from the config's dit: section ("
+                         + "; ".join(errors[:4]) + ")")
     if cfg.train.two_subject_steps and not world.two_subject_clips:
         raise ValueError(f"train.two_subject_steps={cfg.train.two_subject_steps} needs two-subject clips "
                          "(--two-subject-clips N; or --set train.two_subject_steps=0 to skip the stage)")

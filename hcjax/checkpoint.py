@@ -202,12 +202,13 @@ def _quiet_abandoned_reads(quiet_for: float = 0.3, at_most: float = 3.0) -> Iter
         log.removeFilter(keep)
 
 
-# Config sections that set each bundle component's parameters, and fields in them that only change execution.
+# Config sections that set each bundle component's parameters, and fields in them that leave those parameters
+# alone (execution, and the DiT's ref_tokens).
 COMPONENT_SECTIONS = {"dit": ("dit",), "vae": ("vae",), "llava": ("llama", "clip_vision"), "clip": ("clip_text",),
                       "whisper": ("whisper",)}
 _EXECUTION_ONLY = {"dtype", "param_dtype", "sample_size", "sample_tsize", "tile_overlap_factor", "attention",
                    "attention_block_q", "attention_block_kv", "sequence_parallel", "attention_interpret", "remat",
-                   "unroll_layers", "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk"}
+                   "unroll_layers", "use_fp8", "cpu_offload", "cfg_batch", "ffn_chunk", "ref_tokens"}
 
 
 def check_bundle_configs(bundle: str | Path, cfg: Config, components) -> None:
@@ -411,9 +412,10 @@ def export_training_params(checkpoints: str | Path, out: str | Path, *, step: in
     return save_params(out, params, cfg, overwrite=overwrite)
 
 
-# DiT fields that only change how the model executes, not its parameters.
+# DiT fields that leave its parameters alone: how the model executes, and which reference tokens it reads
+# (ref_tokens: a run may warm-start from a DiT trained with the other setting).
 _EXECUTION_FIELDS = {"dtype", "attention", "attention_block_q", "attention_block_kv", "sequence_parallel",
-                     "ulysses_degree", "attention_interpret", "remat", "unroll_layers"}
+                     "ulysses_degree", "attention_interpret", "remat", "unroll_layers", "ref_tokens"}
 
 
 def dit_differences(saved_dit: dict, cfg: Config) -> tuple[list[str], list[str]]:

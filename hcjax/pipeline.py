@@ -38,7 +38,7 @@ from .conditioning.text import TextConditioning, TextEncoders, encode_prompts
 from .conditioning.video import bg_latents_from_files
 from .conditioning.whisper import audio_prompts_from_file
 from .config import PRESET_DIR, REF_LAYOUTS, Config, DiTConfig, SampleConfig
-from .dit import HunyuanDiT, StepCache, abstract_params
+from .dit import HunyuanDiT, StepCache, abstract_params, reference_tokens
 from .layers import to_dtype
 from .media import layout_references, pad_resize, read_image, to_uint8
 from .scheduler import (
@@ -123,7 +123,7 @@ def _cache_shape(cfg: DiTConfig, latents_shape, conds: Conditions):
     pt, ph, pw = cfg.patch_size
     n = (t // pt) * (h // ph) * (w // pw)
     if conds.ref_latents is not None:
-        n += conds.ref_latents.shape[1] * (h // ph) * (w // pw)
+        n += reference_tokens(cfg, conds.ref_latents.shape[1], h // ph, w // pw)
     return (conds.batch, n + conds.text_states.shape[1], cfg.hidden_size)
 
 
@@ -440,6 +440,9 @@ def validate_request(cfg: Config, req: Request) -> None:
                          f"names {req.item_names()}")
     if req.ref_layout not in REF_LAYOUTS:
         raise ValueError(f"--ref-layout must be one of {REF_LAYOUTS}; got {req.ref_layout!r}")
+    if cfg.dit.ref_tokens == "column" and k > 1 and req.ref_layout != "columns":
+        raise ValueError(f"this DiT reads reference k from the k-th column of its frame (dit.ref_tokens=column): "
+                         f"{k} reference images need --ref-layout columns (got {req.ref_layout!r})")
     editing = req.input_video is not None or req.mask_video is not None
     if req.pose_enhance and not editing:
         raise ValueError("--pose-enhance draws skeletons into the editing mask: give --input-video and "

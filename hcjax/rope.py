@@ -24,9 +24,10 @@ def axis_freqs(pos: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.A
     return jnp.repeat(jnp.cos(ang), 2, axis=-1), jnp.repeat(jnp.sin(ang), 2, axis=-1)
 
 
-def position_grid(grid: Sequence[int], with_ref: bool | int) -> jax.Array:
+def position_grid(grid: Sequence[int], with_ref: bool | int, ref_columns: bool = False) -> jax.Array:
     """Positions ``[L, 3]`` (t, h, w): ``K = int(with_ref)`` reference slices first (slice ``k`` at ``t = -k``,
-    ``w + W'``; ``True`` = one), then the video grid."""
+    ``w + W'``; ``True`` = one), then the video grid. ``ref_columns``: slice ``k`` holds only the ``k``-th of ``K``
+    equal columns of its frame (``W' / K`` wide, at the same ``w + W'`` as in the whole frame)."""
     t, h, w = grid
     n_ref = int(with_ref)
     if n_ref < 0:
@@ -34,17 +35,24 @@ def position_grid(grid: Sequence[int], with_ref: bool | int) -> jax.Array:
     tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing="ij")
     pos = jnp.stack([tt, hh, ww], axis=-1).reshape(-1, 3).astype(jnp.float32)
     if n_ref:
-        rk, rh, rw = jnp.meshgrid(jnp.arange(1, n_ref + 1), jnp.arange(h), jnp.arange(w), indexing="ij")
+        cols = n_ref if ref_columns else 1
+        if w % cols:
+            raise ValueError(f"rope: {n_ref} reference columns do not divide a grid {w} tokens wide")
+        rk, rh, rw = jnp.meshgrid(jnp.arange(1, n_ref + 1), jnp.arange(h), jnp.arange(w // cols), indexing="ij")
+        if ref_columns:
+            rw = rw + (rk - 1) * (w // cols)
         ref = jnp.stack([-rk, rh, rw + w], axis=-1).reshape(-1, 3).astype(jnp.float32)
         pos = jnp.concatenate([ref, pos], axis=0)
     return pos
 
 
-def rope_tables(grid: Sequence[int], dims: Sequence[int], theta: float, with_ref: bool | int = False):
-    """cos, sin ``[L, sum(dims)]`` for the token grid ``(T', H', W')`` (+ ``int(with_ref)`` reference slices)."""
+def rope_tables(grid: Sequence[int], dims: Sequence[int], theta: float, with_ref: bool | int = False,
+                ref_columns: bool = False):
+    """cos, sin ``[L, sum(dims)]`` for the token grid ``(T', H', W')`` (+ ``int(with_ref)`` reference slices, each
+    one column of its frame with ``ref_columns``: :func:`position_grid`)."""
     if len(grid) != len(dims):
         raise ValueError(f"rope: grid {tuple(grid)} and rope_dim_list {tuple(dims)} must have the same length")
-    pos = position_grid(grid, with_ref)
+    pos = position_grid(grid, with_ref, ref_columns)
     parts = [axis_freqs(pos[:, i], d, theta) for i, d in enumerate(dims)]
     return jnp.concatenate([c for c, _ in parts], axis=-1), jnp.concatenate([s for _, s in parts], axis=-1)
 

@@ -451,6 +451,16 @@ def _text_order(mask: np.ndarray) -> np.ndarray:
     return np.argsort(np.where(lead, 0, np.where(m, 1, 2)), axis=1, kind="stable")
 
 
+def check_ref_columns(cfg: Config, batch: TrainBatch) -> None:
+    """``dit.ref_tokens = "column"`` needs every sample of a batch to have the batch's ``K`` subjects (a padded
+    sample's lone reference would be cut to the first column); raise ``ValueError`` naming the counts if not."""
+    if cfg.dit.ref_tokens == "column" and batch.ref_mask is not None:
+        counts = np.sum(np.asarray(batch.ref_mask) != 0, axis=1)
+        if np.any(counts != np.shape(batch.ref_mask)[1]):
+            raise ValueError(f"dit.ref_tokens=column: a batch mixes clips of {sorted(set(counts.tolist()))} subjects "
+                             "(ref_mask); each bucket must hold clips of one subject count (or use ref_tokens=frame)")
+
+
 def text_cut(batch: TrainBatch, null: dict, bucket: int) -> int:
     """Text tokens to keep (:func:`cut_text`): for each sample of ``batch`` (this host's) and for ``null``, its
     ``sum(mask)`` leading tokens plus its valid tokens after them; the longest, rounded up to a multiple of
@@ -598,6 +608,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, print_fn: C
         for batch in loader:
             if encoders is not None:
                 batch = encoders.encode(batch)
+            check_ref_columns(cfg, batch)
             tokens = video_tokens(cfg, np.shape(batch.latents)) * jax.process_count()
             n = text_cut(batch, null_host, tc.text_bucket) if tc.text_bucket else text_len
             if n not in nulls:

@@ -27,10 +27,13 @@ def test_single_reference_is_bit_identical_to_the_frozen_outputs(k1_now):
 # ------------------------------------------------------------------------------------------- DiT with K references
 
 
-def _rope_k(grid, dims, theta, k):
-    """cos/sin written from the issue-24 rule in numpy: reference k at t=-k (k=1..K), w shifted by W', then video."""
+def _rope_k(grid, dims, theta, k, columns=False):
+    """cos/sin written from the issue-24 rule in numpy: reference k at t=-k (k=1..K), w shifted by W', then video;
+    ``columns``: reference k only at the w of the k-th of K equal columns."""
     t, h, w = grid
-    pos = [(-float(j), hh, ww + w) for j in range(1, k + 1) for hh in range(h) for ww in range(w)]
+    c = w // k if columns else w
+    pos = [(-float(j), hh, ww + w) for j in range(1, k + 1) for hh in range(h)
+           for ww in range((j - 1) * c if columns else 0, (j - 1) * c + c if columns else w)]
     pos += [(tt, hh, ww) for tt in range(t) for hh in range(h) for ww in range(w)]
     pos = np.array(pos, np.float32)
     cos, sin = [], []
@@ -42,8 +45,9 @@ def _rope_k(grid, dims, theta, k):
     return np.concatenate(cos, 1), np.concatenate(sin, 1)
 
 
-def _torch_k_refs(model, cfg, x, t, text, mask, pooled, refs):
-    """diffusers sub-modules with K reference frames ahead of the video (independent of hcjax.dit)."""
+def _torch_k_refs(model, cfg, x, t, text, mask, pooled, refs, columns=False):
+    """diffusers sub-modules with K reference frames ahead of the video (independent of hcjax.dit); ``columns``:
+    of reference k only its k-th of K equal columns (latent pixels ``[(k-1) W/K, k W/K)``)."""
     import torch
 
     from tests.dit_reference import from_torch_video, to_torch_video
@@ -55,10 +59,12 @@ def _torch_k_refs(model, cfg, x, t, text, mask, pooled, refs):
         grid = (tt // pt, hh // ph, ww // pw)
         t_ = torch.from_numpy(t)
         temb, _ = model.time_text_embed(t_, torch.from_numpy(pooled), None)
-        ref_tok = torch.cat([model.x_embedder(to_torch_video(refs[:, j:j + 1])) for j in range(refs.shape[1])], 1)
+        k, c = refs.shape[1], refs.shape[3] // refs.shape[1] if columns else refs.shape[3]
+        ref_tok = torch.cat([model.x_embedder(to_torch_video(refs[:, j:j + 1, :, j * c:j * c + c] if columns
+                                                             else refs[:, j:j + 1])) for j in range(k)], 1)
         enc = model.context_embedder(torch.from_numpy(text), t_, torch.from_numpy(mask))
         img = torch.cat([ref_tok, model.x_embedder(xt)], dim=1)
-        cos, sin = _rope_k(grid, cfg.rope_dim_list, cfg.rope_theta, refs.shape[1])
+        cos, sin = _rope_k(grid, cfg.rope_dim_list, cfg.rope_theta, refs.shape[1], columns)
         rope = (torch.from_numpy(cos), torch.from_numpy(sin))
         total = img.shape[1] + enc.shape[1]
         valid = img.shape[1] + torch.from_numpy(mask).sum(1)
@@ -117,6 +123,102 @@ def test_dit_with_two_references_matches_independent_reference():
     assert np.abs(np.asarray(fn(params, x, t, text, mask.astype(np.int32), pooled, other)) - got).max() > 1e-3
     swapped = np.ascontiguousarray(refs[:, ::-1])
     assert np.abs(np.asarray(fn(params, x, t, text, mask.astype(np.int32), pooled, swapped)) - got).max() > 1e-3
+
+
+def test_rope_positions_of_column_references():
+    from hcjax.rope import position_grid
+
+    pos = np.asarray(position_grid((2, 2, 4), 2, ref_columns=True))
+    assert pos.shape == (2 * 2 * 2 + 2 * 2 * 4, 3)                  # two half-width references, then the video
+    np.testing.assert_array_equal(pos[:4], [[-1, h, w + 4] for h in range(2) for w in (0, 1)])
+    np.testing.assert_array_equal(pos[4:8], [[-2, h, w + 4] for h in range(2) for w in (2, 3)])
+    np.testing.assert_array_equal(pos[8:], np.asarray(position_grid((2, 2, 4), 0)))
+    np.testing.assert_array_equal(np.asarray(position_grid((2, 2, 4), 1, ref_columns=True)),
+                                  np.asarray(position_grid((2, 2, 4), 1)))
+    with pytest.raises(ValueError, match="3 reference columns do not divide a grid 4 tokens wide"):
+        position_grid((2, 2, 4), 3, ref_columns=True)
+
+
+def test_dit_column_references_match_independent_reference():
+    """``dit.ref_tokens="column"``: reference k brings only its k-th column's tokens (diffusers parts, numpy RoPE);
+    pixels outside a reference's column change nothing, one reference is the whole-frame path bit for bit."""
+    import dataclasses
+
+    import jax
+
+    from convert_weights import dit as conv
+    from hcjax import pipeline
+    from hcjax.dit import HunyuanDiT
+    from tests.dit_reference import diffusers_model, state_dict_numpy, tiny_cfg
+
+    frame = tiny_cfg(attention="chunked", attention_block_q=16, attention_block_kv=16)
+    cfg = dataclasses.replace(frame, ref_tokens="column")
+    model = diffusers_model(cfg, seed=3)
+    params = conv.from_diffusers(state_dict_numpy(model), cfg)
+    rng = np.random.default_rng(6)
+    b, s = 2, 8
+    x = rng.standard_normal((b, 2, 4, 8, cfg.in_channels)).astype(np.float32)
+    t = np.array([300.0, 800.0], np.float32)
+    text = rng.standard_normal((b, s, cfg.text_states_dim)).astype(np.float32)
+    mask = np.zeros((b, s), np.int32)
+    mask[0, :5], mask[1, :7] = 1, 1
+    pooled = rng.standard_normal((b, cfg.text_states_dim_2)).astype(np.float32)
+    refs = rng.standard_normal((b, 2, 4, 8, cfg.in_channels)).astype(np.float32)
+
+    def run(c, r, **kw):
+        return np.asarray(jax.jit(lambda p, *a: HunyuanDiT(c).apply({"params": p}, *a[:5], ref_latents=a[5], **kw))(
+            params, x, t, text, mask, pooled, r))
+
+    got = run(cfg, refs)
+    want = _torch_k_refs(model, cfg, x, t, text, mask.astype(np.int64), pooled, refs, columns=True)
+    err = float(np.abs(got - want).max())
+    print(f"column references: max abs err {err:.2e}")
+    assert got.shape == x.shape and err <= 1e-4, err
+    outside = refs.copy()                                   # reference 1's right half, reference 2's left half
+    outside[:, 0, :, 4:], outside[:, 1, :, :4] = rng.standard_normal((2, b, 4, 4, cfg.in_channels))
+    np.testing.assert_array_equal(run(cfg, outside), got)
+    assert np.abs(run(frame, outside) - run(frame, refs)).max() > 1e-3     # the whole-frame path reads them
+    inside = refs.copy()
+    inside[:, 1, :, 4:] += 1.0
+    assert np.abs(run(cfg, inside) - got).max() > 1e-3
+    np.testing.assert_array_equal(run(cfg, refs[:, :1]), run(frame, refs[:, :1]))
+    conds = pipeline.Conditions(text, mask, pooled, ref_latents=refs)
+    step = jax.jit(lambda p: HunyuanDiT(cfg).apply({"params": p}, x, t, text, mask, pooled, ref_latents=refs,
+                                                   return_cache=True)[1].x)
+    want_shape = (b, 2 * 2 * 2 + 2 * 2 * 4 + s, cfg.hidden_size)           # 2 x (2 x 2) reference + 2 x 2 x 4 video
+    assert step(params).shape == pipeline._cache_shape(cfg, x.shape, conds) == want_shape
+    with pytest.raises(ValueError, match="3 reference columns do not divide a latent 4 tokens wide"):
+        run(cfg, np.concatenate([refs, refs[:, :1]], axis=1))
+
+
+def test_column_references_need_the_columns_layout_and_one_subject_count():
+    import dataclasses
+
+    from hcjax import pipeline
+    from hcjax.config import ConfigError, preset
+    from hcjax.data.batch import TrainBatch
+    from hcjax.training import check_ref_columns
+
+    base = preset("tiny")
+    cfg = dataclasses.replace(base, dit=dataclasses.replace(base.dit, ref_tokens="column"))
+    with pytest.raises(ConfigError, match="dit.ref_tokens=column .* needs train.data.ref_layout=columns"):
+        cfg.validate()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, data=dataclasses.replace(cfg.train.data, ref_layout="columns"))).validate()
+    with pytest.raises(ConfigError, match="dit.ref_tokens='row'"):
+        dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, ref_tokens="row")).validate()
+    req = dict(pos_prompt="a man and a dog", item_name=["man", "dog"], ref_image=["a.png", "b.png"])
+    with pytest.raises(ValueError, match="dit.ref_tokens=column.*need --ref-layout columns"):
+        pipeline.validate_request(cfg, pipeline.Request(**req))
+    pipeline.validate_request(cfg, pipeline.Request(ref_layout="columns", **req))
+    pipeline.validate_request(cfg, pipeline.Request(pos_prompt="a man", ref_image="a.png"))   # one: any layout
+    batch = TrainBatch(latents=np.zeros((2, 1, 4, 4, 4)), text_states=np.zeros((2, 3, 4)),
+                       text_mask=np.ones((2, 3)), text_states_2=np.zeros((2, 4)),
+                       ref_latents=np.zeros((2, 2, 4, 4, 4)), null_ref_latents=np.zeros((2, 2, 4, 4, 4)), ref_mask=np.array([[1, 1], [1, 0]]))
+    with pytest.raises(ValueError, match=r"mixes clips of \[1, 2\] subjects"):
+        check_ref_columns(cfg, batch)
+    check_ref_columns(base, batch)                                  # whole frames: padded references are masked
+    check_ref_columns(cfg, dataclasses.replace(batch, ref_mask=np.ones((2, 2), np.int32)))
 
 
 def test_dit_step_cache_and_bad_reference_shapes_with_k_references():

@@ -13,6 +13,7 @@ from ..axes import SEQUENCE_PARALLEL
 from .base import ConfigError, check_dtypes
 
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash")
+REF_TOKENS = ("frame", "column")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
@@ -47,6 +48,10 @@ class DiTConfig:
     audio_ca_dim_hidden: int = 1024
     audio_ca_heads: int = 1
     audio_inject_blocks: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
+    # which tokens of K >= 2 reference latent frames the DiT reads (same parameters; K = 1 unchanged): "frame" each
+    # whole frame (K H'W' tokens); "column" reference k only its k-th of K equal columns (H'W' tokens in all), for
+    # references laid out in columns (ref_layout: columns), where the rest of each frame is white padding
+    ref_tokens: str = "frame"
     # numerics / execution
     dtype: str = "float32"              # compute dtype of activations
     param_dtype: str = "float32"        # storage dtype of parameters
@@ -90,6 +95,8 @@ class DiTConfig:
             raise ConfigError(f"{where}.patch_size must have 3 entries (t, h, w), got {self.patch_size}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"{where}.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.ref_tokens not in REF_TOKENS:
+            raise ConfigError(f"{where}.ref_tokens={self.ref_tokens!r}; expected one of {REF_TOKENS}")
         if self.sequence_parallel not in SEQUENCE_PARALLEL:
             raise ConfigError(f"{where}.sequence_parallel={self.sequence_parallel!r}; expected one of "
                               f"{SEQUENCE_PARALLEL}")

@@ -369,4 +369,7 @@ class Config:
             if hasattr(sub, "validate"):
                 sub.validate(f.name)
         check_mesh(self.mesh, self.dit)           # mesh vs DiT heads / kernel, device-count independent
+        if self.dit.ref_tokens == "column" and self.train.data.ref_layout != "columns":
+            raise ConfigError(f"dit.ref_tokens=column reads reference k from its k-th column only: it needs "
+                              f"train.data.ref_layout=columns (got {self.train.data.ref_layout!r})")
         return self

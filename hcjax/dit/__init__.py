@@ -13,12 +13,14 @@ from .blocks import (
 )
 from .storage import runtime_params, take_layer
 from .model import (
-    HunyuanDiT, StepCache, abstract_params, count_params, example_inputs, init_params, validate_inputs,
+    HunyuanDiT, StepCache, abstract_params, count_params, example_inputs, init_params, reference_columns,
+    reference_tokens, validate_inputs,
 )
 
 __all__ = [
     "ACT", "ACT_HEADS", "REMAT_POLICIES", "AudioProjNet2", "DoubleStreamBlock", "FinalLayer", "HunyuanDiT",
     "PerceiverAttentionCA", "RefinerBlock", "SingleStreamBlock", "SingleTokenRefiner", "StepCache",
     "abstract_params", "audio_feature_shape", "count_params", "example_inputs", "init_params", "run_stack",
-    "runtime_params", "scanned", "take_layer", "token_chunks", "validate_inputs",
+    "reference_columns", "reference_tokens", "runtime_params", "scanned", "take_layer", "token_chunks",
+    "validate_inputs",
 ]

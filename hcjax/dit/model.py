@@ -23,6 +23,10 @@ Training batches that mix clips with different ``K`` pad the references to ``K_m
 K_max]`` (1 on a sample's real subjects, which come first): the padded frames' tokens are masked out of every
 attention as keys (a per-sample key hole, :mod:`hcjax.attention`), so they do not reach the video tokens and a
 padded sample's output equals its unpadded one; without ``ref_mask`` (or all ones) nothing changes.
+``dit.ref_tokens = "column"`` (references laid out in columns, ``ref_layout: columns``, where the rest of reference
+``k``'s frame is white padding): reference ``k`` brings only the tokens of its ``k``-th of ``K`` equal columns, at
+the positions they have in the whole frame, so ``K`` references cost ``H'W'`` tokens instead of ``K H'W'``; the
+parameters are the same, ``K = 1`` is unchanged, and every sample of a batch must then have the same ``K``.
 
 Blocks are stored stacked on a leading ``layers`` axis (``nn.scan`` at init) and run by ``jax.lax.scan`` over
 layer ranges, so the sampler can stop before / resume at the last single block (the step cache of spec 6.4)
@@ -138,12 +142,13 @@ class HunyuanDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (t_ // pt, h_ // ph, w_ // pw)
         k_ref = 0 if ref_latents is None else ref_latents.shape[1]
-        n_ref = k_ref * (h_ // ph) * (w_ // pw)
+        columns = cfg.ref_tokens == "column" and k_ref > 1
+        n_ref = reference_tokens(cfg, k_ref, h_ // ph, w_ // pw)
         dt = to_dtype(cfg.dtype)
         t = t.astype(jnp.float32)
 
         vec = self.conditioning_vector(t, text_states_2, guidance)
-        cos, sin = rope_tables(grid, cfg.rope_dim_list, cfg.rope_theta, with_ref=k_ref)
+        cos, sin = rope_tables(grid, cfg.rope_dim_list, cfg.rope_theta, with_ref=k_ref, ref_columns=columns)
         n_img = cos.shape[0]
         kv_lengths = n_img + jnp.sum(text_mask.astype(jnp.int32), axis=1)
         if ref_mask is not None:        # [B, 3]: (length, hole start, hole end): the padded reference tokens
@@ -165,6 +170,8 @@ class HunyuanDiT(nn.Module):
             return self._modulated_input(vid, vec)
         if residual is not None:
             return self._final(vid + residual.astype(vid.dtype), vec, 0, grid, b)
+        if ref_latents is not None and columns:
+            ref_latents = reference_columns(ref_latents)
         img = vid if ref_latents is None else concat([self.img_in(ref_latents.astype(dt)), vid])
         img = constrain(img, ACT)
         txt = constrain(self.txt_in(text_states.astype(dt), t, text_mask), ACT)
@@ -253,6 +260,20 @@ class HunyuanDiT(nn.Module):
         return jnp.pad(delta, ((0, 0), (n_ref, 0), (0, 0)))
 
 
+def reference_tokens(cfg: DiTConfig, k: int, hp: int, wp: int) -> int:
+    """Tokens of ``k`` reference frames on an ``hp x wp`` token grid: ``k hp wp``, or ``hp wp`` when
+    ``dit.ref_tokens = "column"`` (each reference one of ``k`` columns)."""
+    return k * hp * wp // (k if cfg.ref_tokens == "column" and k > 1 else 1)
+
+
+def reference_columns(ref_latents: jax.Array) -> jax.Array:
+    """``[B, K, H, W, C] -> [B, K, H, W / K, C]``: of reference ``k`` only the ``k``-th of ``K`` equal columns
+    (``dit.ref_tokens = "column"``)."""
+    k, w = ref_latents.shape[1], ref_latents.shape[3]
+    c = w // k
+    return jnp.stack([ref_latents[:, i, :, i * c:(i + 1) * c] for i in range(k)], axis=1)
+
+
 # ------------------------------------------------------------------------------------------- validation
 
 
@@ -291,6 +312,9 @@ def validate_inputs(cfg: DiTConfig, x, t, text_states, text_mask, text_states_2,
         if tuple(ref_latents.shape) != want:
             raise ValueError(f"ref_latents must be [B,K,H,W,C]={list(want[:1]) + ['K>=1'] + list(want[2:])} (one "
                              f"latent frame per subject, same H,W as x); got {tuple(ref_latents.shape)}")
+        if cfg.ref_tokens == "column" and k > 1 and (ww // pw) % k:
+            raise ValueError(f"dit.ref_tokens=column: {k} reference columns do not divide a latent {ww // pw} "
+                             f"tokens wide (W={ww}, patch {pw})")
     if bg_latents is not None:
         if not cfg.video_condition:
             raise ValueError("bg_latents given but the DiT config has video_condition=False")

@@ -92,6 +92,18 @@ def test_rope_positions_of_k_references():
     np.testing.assert_array_equal(np.asarray(position_grid((2, 2, 3), 0))[:, 0], [0] * 6 + [1] * 6)
 
 
+def _two_reference_inputs(rng, cfg, width: int, timesteps, text_lengths, text_len: int = 8):
+    """A batch of two: a 2x4x``width`` latent video, its timesteps, text (valid prefixes of ``text_lengths``),
+    pooled text and two reference latent frames the size of a video frame."""
+    b = len(timesteps)
+    x = rng.standard_normal((b, 2, 4, width, cfg.in_channels)).astype(np.float32)
+    text = rng.standard_normal((b, text_len, cfg.text_states_dim)).astype(np.float32)
+    mask = (np.arange(text_len)[None] < np.asarray(text_lengths)[:, None]).astype(np.int32)
+    pooled = rng.standard_normal((b, cfg.text_states_dim_2)).astype(np.float32)
+    refs = rng.standard_normal((b, 2, 4, width, cfg.in_channels)).astype(np.float32)
+    return x, np.asarray(timesteps, np.float32), text, mask, pooled, refs
+
+
 def test_dit_with_two_references_matches_independent_reference():
     import jax
 
@@ -103,26 +115,19 @@ def test_dit_with_two_references_matches_independent_reference():
     model = diffusers_model(cfg, seed=2)
     params = conv.from_diffusers(state_dict_numpy(model), cfg)
     rng = np.random.default_rng(5)
-    b, s = 2, 8
-    x = rng.standard_normal((b, 2, 4, 6, cfg.in_channels)).astype(np.float32)
-    t = np.array([250.0, 700.0], np.float32)
-    text = rng.standard_normal((b, s, cfg.text_states_dim)).astype(np.float32)
-    mask = np.zeros((b, s), np.int64)
-    mask[0, :6], mask[1, :3] = 1, 1
-    pooled = rng.standard_normal((b, cfg.text_states_dim_2)).astype(np.float32)
-    refs = rng.standard_normal((b, 2, 4, 6, cfg.in_channels)).astype(np.float32)
+    x, t, text, mask, pooled, refs = _two_reference_inputs(rng, cfg, 6, [250.0, 700.0], [6, 3])
     fn = jax.jit(lambda p, *a: HunyuanDiT(cfg).apply({"params": p}, *a[:5], ref_latents=a[5]))
-    got = np.asarray(fn(params, x, t, text, mask.astype(np.int32), pooled, refs))
-    want = _torch_k_refs(model, cfg, x, t, text, mask, pooled, refs)
+    got = np.asarray(fn(params, x, t, text, mask, pooled, refs))
+    want = _torch_k_refs(model, cfg, x, t, text, mask.astype(np.int64), pooled, refs)
     err = float(np.abs(got - want).max())
     print(f"two-reference path: max abs err {err:.2e}")
     assert got.shape == x.shape and err <= 1e-4, err
     # both references matter, and their order does (distinct time slots)
     other = refs.copy()
     other[:, 1] = rng.standard_normal(other[:, 1].shape)
-    assert np.abs(np.asarray(fn(params, x, t, text, mask.astype(np.int32), pooled, other)) - got).max() > 1e-3
+    assert np.abs(np.asarray(fn(params, x, t, text, mask, pooled, other)) - got).max() > 1e-3
     swapped = np.ascontiguousarray(refs[:, ::-1])
-    assert np.abs(np.asarray(fn(params, x, t, text, mask.astype(np.int32), pooled, swapped)) - got).max() > 1e-3
+    assert np.abs(np.asarray(fn(params, x, t, text, mask, pooled, swapped)) - got).max() > 1e-3
 
 
 def test_rope_positions_of_column_references():
@@ -156,14 +161,8 @@ def test_dit_column_references_match_independent_reference():
     model = diffusers_model(cfg, seed=3)
     params = conv.from_diffusers(state_dict_numpy(model), cfg)
     rng = np.random.default_rng(6)
-    b, s = 2, 8
-    x = rng.standard_normal((b, 2, 4, 8, cfg.in_channels)).astype(np.float32)
-    t = np.array([300.0, 800.0], np.float32)
-    text = rng.standard_normal((b, s, cfg.text_states_dim)).astype(np.float32)
-    mask = np.zeros((b, s), np.int32)
-    mask[0, :5], mask[1, :7] = 1, 1
-    pooled = rng.standard_normal((b, cfg.text_states_dim_2)).astype(np.float32)
-    refs = rng.standard_normal((b, 2, 4, 8, cfg.in_channels)).astype(np.float32)
+    x, t, text, mask, pooled, refs = _two_reference_inputs(rng, cfg, 8, [300.0, 800.0], [5, 7])
+    b, s = text.shape[:2]
 
     def run(c, r, **kw):
         return np.asarray(jax.jit(lambda p, *a: HunyuanDiT(c).apply({"params": p}, *a[:5], ref_latents=a[5], **kw))(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,26 @@ def project(cfg: Config, seconds: dict, two_fraction: float, other_s: float, ove
               "dit_two": tc.two_subject_steps * tc.two_subject_restarts * two,
               "other": other_s}
     return {"stages": stages, "total_s": sum(stages.values())}
+
+
+def host(cpuinfo: str | None = None) -> str:
+    """The machine the steps are timed on, for comparing projections across machines: CPU model, logical CPUs and
+    its widest x86 vector extension, from ``cpuinfo`` (the text of ``/proc/cpuinfo``; read when None, where it
+    exists). The same build's steps ran 1.5-2.2x slower on the AVX2-only machine of 2026-12-07 than on the
+    one of 2026-12-06 (docs/demo.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
+    first = {k.strip(): v.strip() for k, v in reversed(fields)}          # the first CPU's value of each field
+    cpus = sum(k.strip() == "processor" for k, _ in fields) or os.cpu_count() or 0
+    flags = set(first.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+                if flag in flags), None)
+    model = first.get("model name") or platform.processor() or platform.machine()
+    return f"{model}, {cpus} CPU{'s' * (cpus != 1)}" + (f", {isa}" if isa else "")
 
 
 def _time(fn, steps: int) -> float:
@@ -152,6 +173,7 @@ def main(argv=None) -> int:
                "dit": time_dit_step(cfg, args.steps, 1)}
     seconds["dit_two_subject"] = time_dit_step(cfg, args.steps, 2) if cfg.train.two_subject_steps else 0.0
     out = project(cfg, seconds, args.two_fraction, args.other_s, args.loop_overhead, args.train_vae)
+    print(f"host: {host()}")
     print("step time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items() if v))
     for k, v in out["stages"].items():
         if v:
@@ -159,7 +181,7 @@ def main(argv=None) -> int:
     verdict = "inside" if out["total_s"] <= BUDGET_S else "OVER"
     print(f"projected build: {out['total_s']:.0f} s = {out['total_s'] / 3600:.2f} h ({verdict} the 3-hour budget)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"step_s": seconds, **out}, indent=1))
+        Path(args.json).write_text(json.dumps({"host": host(), "step_s": seconds, **out}, indent=1))
     return 0
 
 

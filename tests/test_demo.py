@@ -734,6 +734,17 @@ def test_build_time_projection_of_the_default_recipe():
     assert only_single["stages"]["dit_two"] == pytest.approx(3750.0)
 
 
+def test_build_time_names_the_host_and_its_vector_width():
+    """demo_build_time.py's host line, from /proc/cpuinfo text: the model, the count of processors and the widest
+    vector extension among the first CPU's flags (AVX-512 over AVX2 over AVX), none named when none is there."""
+    def cpuinfo(model, flags, n=2):
+        return "".join(f"processor\t: {i}\nmodel name\t: {model}\nflags\t\t: fpu {flags} sse2\n\n"
+                       for i in range(n))
+    assert demo_build_time.host(cpuinfo("AMD EPYC", "avx avx2 fma")) == "AMD EPYC, 2 CPUs, AVX2"
+    assert demo_build_time.host(cpuinfo("Xeon", "avx2 avx512f avx", 4)) == "Xeon, 4 CPUs, AVX-512"
+    assert demo_build_time.host(cpuinfo("Old", "sse4_2", 1)) == "Old, 1 CPU"
+
+
 class _Stop(Exception):
     pass
 

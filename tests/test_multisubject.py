@@ -1,7 +1,8 @@
 """Multi-subject customization (issue 24): K reference images, K names, K reference latent frames.
 
 K = 1 must stay bit-identical to the single-reference code: ``tests/data/k1_baseline.npz`` was written by
-``tests/data/k1_baseline.py`` from the code before the change.
+``tests/data/k1_baseline.py`` from the code before the change (bit for bit on the machine that wrote it; on a CPU
+whose kernels round differently, up to that rounding: ``ROUNDING``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,23 @@ def k1_now():
     return k1_baseline.compute()
 
 
+# Another CPU's kernels round differently: on the AVX2-only machine of 2026-12-07 nearly every element of every
+# frozen array (text towers included, which K does not touch) moved in its last bits, at most 3.7e-7 of the array's
+# largest magnitude. A change to the K = 1 path (a reference token more or less, another RoPE index) moves the
+# outputs by orders of magnitude more.
+ROUNDING = 2e-6
+
+
 def test_single_reference_is_bit_identical_to_the_frozen_outputs(k1_now):
+    """Bit for bit on the machine that froze the outputs; elsewhere equal up to that machine's rounding
+    (``ROUNDING`` of each array's largest magnitude)."""
     frozen = np.load(k1_baseline.PATH)
     assert sorted(frozen.files) == sorted(k1_now)
     for key in frozen.files:
-        np.testing.assert_array_equal(k1_now[key], frozen[key], err_msg=key)
+        now, want = np.asarray(k1_now[key]), frozen[key]
+        if not np.array_equal(now, want):
+            assert now.dtype == want.dtype and np.issubdtype(want.dtype, np.floating), key
+            np.testing.assert_allclose(now, want, rtol=0, atol=ROUNDING * np.abs(want).max(), err_msg=key)
 
 
 # ------------------------------------------------------------------------------------------- DiT with K references

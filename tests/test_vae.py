@@ -262,11 +262,14 @@ def test_group_norm_single_pass_stats_masked_and_offset():
 
     gn = vae.GroupNorm(g)
     p = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
-    assert err(gn.apply(p, x), ref(x)) <= 2e-4
+    # fp32 at an offset of 300 rounds by 300 * 2^-24, over the narrowest channel's std 0.5 and the largest scale:
+    # a few such roundings are the floor (2.2e-4 on an AVX2-only CPU, under 2e-4 on others); lost variance is O(1)
+    tol = max(2e-4, 4 * np.finfo(np.float32).eps * np.abs(x).max() / 0.5 * np.abs(scale).max())
+    assert err(gn.apply(p, x), ref(x)) <= tol
     padded = np.full((b, t + 2, h + 3, w + 1, c), 1e4, np.float32)
     padded[:, :t, :h, :w] = x
     out = np.asarray(gn.apply(p, padded, (jnp.int32(t), jnp.int32(h), jnp.int32(w))))
-    assert err(out[:, :t, :h, :w], ref(x)) <= 2e-4
+    assert err(out[:, :t, :h, :w], ref(x)) <= tol
     assert np.isfinite(out).all()
 
 

@@ -164,7 +164,8 @@ def test_fp8_quantised_from_bf16_matches_a_torch_emulation_of_the_original():
 
 def test_cpu_offload_keeps_towers_in_host_memory_between_stages():
     """``dit.cpu_offload``: LLaVA, CLIP and the VAE live in pinned host memory after load, are on the device only
-    while their stage runs (no device copy survives a sample), and the frames equal the plain run's."""
+    while their stage runs (no device copy survives a sample), and the frames equal the plain run's (up to one 8-bit
+    level in a few pixels: the rounding of a differently fused graph)."""
     small = dict(video_size=(32, 32), frames=5, steps=2, seed=3)
     req = pipeline.Request(ref_image="assets/demo_subject.png", pos_prompt="the object moves left", **small)
     plain = M.load(config=M.DEFAULT_CONFIG)
@@ -174,7 +175,10 @@ def test_cpu_offload_keeps_towers_in_host_memory_between_stages():
     host_ids = {id(a) for a in towers(off)}
     want, _ = pipeline.generate(plain, req)
     got, _ = pipeline.generate(off, req)
-    np.testing.assert_array_equal(got, want)
+    # the offloaded towers compile with their transfers, and XLA may fuse them otherwise: on an AVX2-only CPU 2 of
+    # 15360 pixel values landed one 8-bit level apart (a rounding tie), elsewhere none; wrong weights move most
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (diff.max(), np.count_nonzero(diff))
     shapes = {(a.shape, a.dtype) for a in towers(off)}
     leftover = [a for a in jax.live_arrays() if id(a) not in host_ids and a.sharding.memory_kind == "device"
                 and (a.shape, a.dtype) in shapes and a.size > 64]
